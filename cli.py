@@ -1,0 +1,219 @@
+"""`facetclip`: the command line. Parses arguments and calls the stage packages; nothing else.
+
+Errors a user can cause (``FacetclipError``) are printed as one clear line and exit 2;
+anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from store.errors import FacetclipError
+
+app = typer.Typer(
+    help="A frozen LLM as the text tower of a CLIP-style model: embed captions once, train vision towers many times.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Print a user error's message (no traceback) and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FacetclipError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    # transformers' load reports and progress bars would drown our own progress output.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="Output directory (img2dataset layout + captions.parquet + eval splits)."
+        ),
+    ],
+    n: Annotated[int, typer.Option(min=1, max=10_000_000, help="Training samples.")] = 2000,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed; same seed, same bytes.")] = 0,
+    format: Annotated[str, typer.Option("--format", help="webdataset | parquet")] = "webdataset",
+    image_size: Annotated[int, typer.Option(min=16, max=1024, help="Image side in pixels.")] = 64,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Synthetic long-caption image dataset (img2dataset layout) with held-out eval splits.
+
+    Example: facetclip synth data/synth --n 2000
+    """
+    from eval.synth import SynthConfig, write_synth
+
+    s = write_synth(
+        out, SynthConfig(n=n, seed=seed, format=format, image_size=image_size, overwrite=overwrite)
+    )
+    console.print(f"wrote synthetic dataset to [bold]{out}[/]")
+    console.print(s)
+
+
+@app.command("tiny-llm")
+@user_errors
+def tiny_llm(
+    out: Annotated[Path, typer.Argument(help="Output model directory (Hugging Face format).")],
+    steps: Annotated[
+        int | None, typer.Option(min=0, max=1_000_000, help="Pre-training steps; 0 = untrained.")
+    ] = None,
+    hidden_size: Annotated[int, typer.Option(min=16, max=4096)] = 128,
+    layers: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """A small Llama-architecture causal LM + tokenizer, briefly pre-trained on synthetic captions.
+
+    Example: facetclip tiny-llm models/tiny --steps 0
+    """
+    _quiet_libraries()
+    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+
+    kwargs = dict(hidden_size=hidden_size, num_layers=layers, seed=seed, overwrite=overwrite)
+    if steps is not None:
+        kwargs["steps"] = steps
+    report = build_tiny_llm(out, TinyLLMConfig(**kwargs))
+    console.print(
+        f"wrote model to [bold]{report.out}[/] ({report.n_params:,} parameters, {report.seconds:.0f} s)"
+    )
+    if report.initial_loss is not None:
+        console.print(
+            f"pre-training loss: {report.initial_loss:.3f} -> {report.final_loss:.3f} over {report.steps} steps"
+        )
+
+
+def _parse_columns(values: list[str]) -> dict[str, str]:
+    mapping = {}
+    for v in values:
+        if "=" not in v:
+            raise typer.BadParameter(f"--column expects RECIPE_COLUMN=INPUT_COLUMN, got {v!r}")
+        a, b = v.split("=", 1)
+        mapping[a.strip()] = b.strip()
+    return mapping
+
+
+@app.command()
+@user_errors
+def embed(
+    captions: Annotated[
+        Path, typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output.")
+    ],
+    model: Annotated[str, typer.Option(help="Model directory or hub id of a causal LM.")],
+    out: Annotated[Path, typer.Option(help="Cache directory (created, or resumed).")],
+    recipe: Annotated[
+        str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
+    ] = "flame",
+    engine: Annotated[
+        str, typer.Option(help="auto | hf | vllm (auto: vllm when importable with a GPU)")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Storage dtype: float16 | float32 | int8 (default: recipe's)")
+    ] = None,
+    compute_dtype: Annotated[
+        str, typer.Option(help="auto | float32 | bfloat16 | float16")
+    ] = "auto",
+    layer: Annotated[
+        int | None, typer.Option(help="hidden_states[LAYER] (1..num_layers, -1 = last)")
+    ] = None,
+    shard_rows: Annotated[
+        int | None,
+        typer.Option(min=1, max=10_000_000, help="Rows per shard (default: ~256 MB shards)"),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Embed only the first N input rows (a trial run).")
+    ] = None,
+    input_format: Annotated[
+        str, typer.Option(help="auto | parquet | jsonl | csv | tsv | webdataset")
+    ] = "auto",
+    key_column: Annotated[str, typer.Option(help="Input column holding the sample key.")] = "key",
+    column: Annotated[
+        list[str],
+        typer.Option(help="RECIPE_COLUMN=INPUT_COLUMN, e.g. long_caption=text; repeatable"),
+    ] = [],  # noqa: B006
+    on_duplicate: Annotated[str, typer.Option(help="error | keep-first")] = "error",
+    store_text: Annotated[bool, typer.Option(help="Keep caption texts in the cache.")] = True,
+    token_budget: Annotated[
+        int, typer.Option(min=64, help="hf engine: padded tokens per forward pass.")
+    ] = 16384,
+    device: Annotated[str, typer.Option(help="hf engine: auto | cpu | cuda | cuda:N")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Embed captions with a frozen LLM into a Parquet cache of facet vectors (resumable).
+
+    Example: facetclip embed data/synth/captions.parquet --model models/tiny --recipe flame --out cache/flame
+    """
+    _quiet_libraries()
+    from embed.pipeline import EmbedConfig, run_embed
+
+    cfg = EmbedConfig(
+        captions=captions,
+        model=model,
+        out=out,
+        recipe=recipe,
+        engine=engine,
+        compute_dtype=compute_dtype,
+        dtype=dtype,
+        layer=layer,
+        shard_rows=shard_rows,
+        limit=limit,
+        input_format=input_format,
+        key_column=key_column,
+        columns=_parse_columns(column),
+        on_duplicate=on_duplicate,
+        store_text=store_text,
+        token_budget=token_budget,
+        device=device,
+    )
+    s = run_embed(cfg, progress=progress)
+    t = Table(title=f"embed -> {s.out}", show_header=False)
+    t.add_row("rows embedded", f"{s.rows:,}")
+    t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
+    t.add_row("shards written", str(s.shards_written))
+    t.add_row("skipped", ", ".join(f"{r}: {c}" for r, c in s.skipped.items()) or "0")
+    t.add_row("truncated", f"{s.truncated:,}")
+    t.add_row("tokens computed", f"{s.tokens:,}")
+    t.add_row(
+        "wall time",
+        f"{s.seconds:.1f} s ({s.captions_per_s:,.1f} captions/s, {s.tokens_per_s:,.0f} tokens/s)",
+    )
+    console.print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

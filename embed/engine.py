@@ -1,0 +1,189 @@
+"""The one interface every text engine honours, the model checks they share, and the factory.
+
+An engine turns ``PromptIds`` into vectors: ``embed(items) -> float32 array [sum n_vectors, D]``
+(one row per facet for LAST pooling, one per item for MEAN pooling, in item order). It never
+tokenises. Adding an engine is one new file implementing ``Engine``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from embed.packing import PromptIds
+from store.errors import InputError
+
+ENGINES = ("auto", "hf", "vllm")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How an engine computes: which layer, pooling, numeric type and device."""
+
+    model: str
+    pooling: str = "last"  # "last" (of each facet) or "mean" (over the caption's tokens)
+    layer: int = -1  # hidden_states[layer]; -1 = last (see embed.prompts.Recipe.layer)
+    final_norm: bool = True
+    dtype: str = "float32"
+    device: str = "auto"  # hf engine: "cpu", "cuda", "cuda:1", or auto
+    token_budget: int = 16384  # hf engine: padded tokens per forward pass
+    gpu_memory_utilization: float = 0.85  # vllm engine
+
+
+class Engine(Protocol):
+    name: str
+    hidden_size: int
+
+    def embed(self, items: Sequence[PromptIds]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    hidden_size: int
+    num_layers: int
+    model_type: str
+
+
+def resolve_model(model: str) -> Path:
+    """A local model directory, or a hub id resolved through the Hugging Face cache/hub."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or model.startswith((".", "/", "~")):
+        raise InputError(
+            f"model {model!r} is not a directory with a Hugging Face model (config.json, weights, tokenizer)"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+            )
+        )
+    except Exception as e:  # network, auth, unknown repo: all mean the same to the user
+        raise InputError(
+            f"model {model!r} is neither a local directory nor a reachable hub id ({type(e).__name__}: {e})"
+        ) from None
+
+
+def inspect_model(model: str) -> ModelInfo:
+    """Check that ``model`` is a causal LM and read its shape, without loading weights."""
+    path = resolve_model(model)
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"model directory {path} has no config.json; it must be a Hugging Face model directory"
+        )
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise InputError(f"cannot read the model config in {path}: {e}") from None
+    config = getattr(config, "text_config", None) or config
+    archs = getattr(config, "architectures", None) or []
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not any(
+        a.endswith("ForCausalLM") for a in archs
+    ):
+        raise InputError(
+            f"model {model!r} (model_type {config.model_type!r}, architectures {archs}) is not a causal LM; "
+            "facetclip embeds with decoder-only LLMs (Llama, Mistral, Qwen, ...)"
+        )
+    return ModelInfo(
+        path, int(config.hidden_size), int(config.num_hidden_layers), config.model_type
+    )
+
+
+def check_layer(layer: int, num_layers: int) -> int:
+    """The number of decoder layers to run for ``layer`` (-1 = all)."""
+    if layer == -1:
+        return num_layers
+    if not 1 <= layer <= num_layers:
+        raise InputError(
+            f"layer {layer} is out of range for a model with {num_layers} layers (use 1..{num_layers} or -1)"
+        )
+    return layer
+
+
+_FINGERPRINT_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the config and tokenizer files in full, and for each weight file its name,
+    size, safetensors header (tensor names, shapes, dtypes, offsets) and first and last MiB.
+
+    Hashing every byte of a 24 GB checkpoint would take minutes on every run; this reads a
+    few MiB yet changes with any re-export, fine-tune, dtype or tokenizer change.
+    """
+    h = hashlib.sha256()
+    for name in _FINGERPRINT_FILES:
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    weights = sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin")))
+    if not weights:
+        raise InputError(f"model directory {path} has no weight files (*.safetensors or *.bin)")
+    mib = 1 << 20
+    for f in weights:
+        size = f.stat().st_size
+        h.update(f.name.encode() + b"\0" + str(size).encode())
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            if f.suffix == ".safetensors" and len(head) == 8:
+                n = int.from_bytes(head, "little")
+                h.update(fh.read(min(n, 100 * mib)))
+            fh.seek(0)
+            h.update(fh.read(mib))
+            fh.seek(max(0, size - mib))
+            h.update(fh.read(mib))
+    return "sha256:" + h.hexdigest()
+
+
+def vllm_available() -> bool:
+    """vLLM importable and a CUDA GPU present (vLLM's PyPI wheel is a CUDA build)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def make_engine(kind: str, cfg: EngineConfig) -> Engine:
+    """``auto`` picks vllm when it is importable and a GPU is present, else hf."""
+    if kind not in ENGINES:
+        raise InputError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
+    if cfg.dtype not in COMPUTE_DTYPES:
+        raise InputError(
+            f"unknown compute dtype {cfg.dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "hf"
+    if kind == "vllm":
+        if not vllm_available():
+            raise InputError(
+                "--engine vllm needs vLLM (pip install -e '.[vllm]') and a CUDA GPU; use --engine hf"
+            )
+        from embed.vllm_engine import VLLMEngine
+
+        return VLLMEngine(cfg)
+    from embed.hf_engine import HFEngine
+
+    return HFEngine(cfg)

@@ -1,0 +1,406 @@
+"""`facetclip embed`: stream captions -> token ids -> engine -> shards in a resumable cache.
+
+Shard i holds the input rows [i * shard_rows, (i + 1) * shard_rows) (embedded or skipped), so
+a rerun of the same command recognises finished shards by their input range, skips them
+without loading the model, and recomputes only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
+from embed.inputs import (
+    CaptionBatch,
+    CaptionSource,
+    available_columns,
+    count_rows,
+    iter_caption_batches,
+    iter_keys,
+    resolve_format,
+)
+from embed.prompts import Recipe, get_recipe
+from embed.tokenize import PromptTokenizer
+from store.cache import MANIFEST_FILE, Cache, Manifest
+from store.errors import FacetclipError, InputError
+from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
+
+ON_DUPLICATE = ("error", "keep-first")
+
+
+class EmbedError(FacetclipError):
+    """Embedding produced something that must not be written (e.g. NaN/Inf vectors)."""
+
+
+@dataclass
+class EmbedConfig:
+    captions: Path
+    model: str
+    out: Path
+    recipe: str = "flame"
+    engine: str = "auto"
+    compute_dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # storage dtype; default: the recipe's (float16)
+    layer: int | None = None  # default: the recipe's
+    shard_rows: int | None = None  # default: a cache's own, else sized for ~256 MB shards
+    limit: int | None = None
+    input_format: str = "auto"
+    key_column: str = "key"
+    columns: dict[str, str] = field(default_factory=dict)  # recipe column -> input column
+    on_duplicate: str = "error"
+    store_text: bool = True
+    batch_rows: int = 256  # rows per engine call (progress granularity)
+    token_budget: int = 16384
+    device: str = "auto"
+
+
+@dataclass
+class EmbedSummary:
+    out: Path
+    rows: int = 0  # rows written by this run
+    rows_reused: int = 0  # rows in shards finished by an earlier run
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    tokens: int = 0  # tokens the model computed (context once + facets)
+    shards_written: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0
+
+    @property
+    def captions_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def resolve_recipe(cfg: EmbedConfig) -> Recipe:
+    recipe = get_recipe(cfg.recipe)
+    if cfg.dtype is not None:
+        recipe = replace(recipe, dtype=cfg.dtype)
+    if cfg.layer is not None:
+        recipe = replace(recipe, layer=cfg.layer)
+    unknown = set(cfg.columns) - set(recipe.columns)
+    if unknown:
+        raise InputError(
+            f"--column names {sorted(unknown)} are not columns of recipe {recipe.name!r} ({recipe.columns})"
+        )
+    return recipe.with_columns(cfg.columns)
+
+
+def auto_shard_rows(n_vectors: int, dim: int, dtype: str) -> int:
+    bytes_per_row = n_vectors * dim * {"float16": 2, "float32": 4, "int8": 1}[dtype] + 1024
+    return int(np.clip((256 << 20) // bytes_per_row, 1000, 100_000))
+
+
+def find_duplicates(source: CaptionSource, limit: int | None) -> dict[str, int]:
+    """Every key that occurs more than once in the input -> the row of its first occurrence.
+
+    Pass one keeps only a 64-bit hash per key (8 bytes a row, whatever the key length);
+    pass two confirms the suspects with the real strings, so a hash collision cannot cause a
+    false error.
+    """
+    hashes = []
+    seen = 0
+    for keys in iter_keys(source):
+        if limit is not None:
+            keys = keys[: max(0, limit - seen)]
+        hashes.append(np.fromiter((hash(k) for k in keys), dtype=np.int64, count=len(keys)))
+        seen += len(keys)
+        if limit is not None and seen >= limit:
+            break
+    if not hashes:
+        return {}
+    h = np.sort(np.concatenate(hashes))
+    suspects = set(h[1:][h[1:] == h[:-1]].tolist())
+    if not suspects:
+        return {}
+    first: dict[str, int] = {}
+    counts: Counter = Counter()
+    row = 0
+    for keys in iter_keys(source):
+        for k in keys:
+            if limit is not None and row >= limit:
+                break
+            if hash(k) in suspects:
+                counts[k] += 1
+                first.setdefault(k, row)
+            row += 1
+    return {k: first[k] for k, c in counts.items() if c > 1}
+
+
+def _shards(
+    source: CaptionSource, columns: list[str], shard_rows: int, limit: int | None
+) -> Iterator[CaptionBatch]:
+    """Input rows regrouped into shard-sized batches (start is a multiple of shard_rows)."""
+    keys: list[str] = []
+    cols: dict[str, list] = {c: [] for c in columns}
+    start = 0
+    read = 0
+    for batch in iter_caption_batches(source, columns, batch_rows=min(shard_rows, 4096)):
+        n = len(batch.keys)
+        if limit is not None:
+            n = min(n, limit - read)
+        pos = 0
+        while pos < n:
+            take = min(n - pos, shard_rows - len(keys))
+            keys += batch.keys[pos : pos + take]
+            for c in columns:
+                cols[c] += batch.columns[c][pos : pos + take]
+            pos += take
+            if len(keys) == shard_rows:
+                yield CaptionBatch(start, keys, cols)
+                start += len(keys)
+                keys, cols = [], {c: [] for c in columns}
+        read += n
+        if limit is not None and read >= limit:
+            break
+    if keys:
+        yield CaptionBatch(start, keys, cols)
+
+
+class _Progress:
+    """A rich progress bar with captions/s, tokens/s and ETA (silent when disabled)."""
+
+    def __init__(self, total: int | None, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.rows = 0
+        self.tokens = 0
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                TextColumn("[bold]embed"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("embed", total=total, speed="")
+            self.bar.start()
+
+    def advance(self, rows: int, computed_rows: int = 0, tokens: int = 0) -> None:
+        self.rows += computed_rows
+        self.tokens += tokens
+        if self.enabled:
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            speed = f"{self.rows / dt:,.1f} captions/s  {self.tokens / dt:,.0f} tokens/s"
+            self.bar.update(self.task, advance=rows, speed=speed)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def run_embed(
+    cfg: EmbedConfig, progress: bool = True, engine: Engine | None = None
+) -> EmbedSummary:
+    """Embed ``cfg.captions`` into the cache ``cfg.out`` (creating or resuming it)."""
+    t0 = time.perf_counter()
+    if cfg.on_duplicate not in ON_DUPLICATE:
+        raise InputError(f"--on-duplicate must be one of {ON_DUPLICATE}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise InputError("--limit must be >= 1")
+    if cfg.shard_rows is not None and not 1 <= cfg.shard_rows <= 10_000_000:
+        raise InputError("--shard-rows must be in 1..10000000")
+    recipe = resolve_recipe(cfg)
+    source = CaptionSource(Path(cfg.captions), cfg.input_format, cfg.key_column)
+    found = available_columns(source)
+    needed = [cfg.key_column, *recipe.columns]
+    missing = [c for c in needed if c not in found]
+    if missing:
+        raise InputError(
+            f"column(s) {missing} not found in {cfg.captions}; columns found: {', '.join(found)}. "
+            "Map recipe columns with --column RECIPE_COLUMN=INPUT_COLUMN and the key with --key-column"
+        )
+    duplicates = find_duplicates(source, cfg.limit)
+    if duplicates and cfg.on_duplicate == "error":
+        shown = ", ".join(repr(k) for k in list(duplicates)[:5])
+        raise InputError(
+            f"{len(duplicates)} duplicate key(s) in {cfg.captions}, e.g. {shown}; "
+            "fix the input or pass --on-duplicate keep-first"
+        )
+
+    info = inspect_model(cfg.model)
+    recipe = replace(
+        recipe,
+        model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
+        model_fingerprint=model_fingerprint(info.path),
+    )
+    text_columns = recipe.columns if cfg.store_text else []
+    layout = layout_metadata(recipe.vector_names, info.hidden_size, recipe.dtype, text_columns)
+    shard_rows = cfg.shard_rows
+    if shard_rows is None:
+        existing = Path(cfg.out) / MANIFEST_FILE
+        shard_rows = (
+            Manifest.from_json(existing.read_text()).shard_rows
+            if existing.is_file()
+            else auto_shard_rows(len(recipe.vector_names), info.hidden_size, recipe.dtype)
+        )
+    input_info = {
+        "path": str(Path(cfg.captions).resolve()),
+        "format": resolve_format(source.path, source.format),
+    }
+    cache = Cache.create(cfg.out, recipe.to_dict(), layout, shard_rows, input_info)
+    schema = shard_schema(
+        recipe.vector_names, info.hidden_size, recipe.dtype, text_columns, recipe.columns
+    )
+
+    from transformers import AutoTokenizer
+
+    tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(info.path), recipe)
+    summary = EmbedSummary(out=Path(cfg.out))
+    total = count_rows(source)
+    if cfg.limit is not None:
+        total = cfg.limit if total is None else min(total, cfg.limit)
+    bar = _Progress(total, progress)
+    try:
+        for shard in _shards(source, recipe.columns, shard_rows, cfg.limit):
+            index = shard.start // shard_rows
+            end = shard.start + len(shard.keys)
+            entry = cache.manifest.entry(index)
+            if entry is not None and (entry.input_start, entry.input_end) == (shard.start, end):
+                summary.shards_reused += 1
+                summary.rows_reused += entry.rows
+                bar.advance(len(shard.keys))
+                continue
+            if engine is None:
+                engine = make_engine(cfg.engine, _engine_config(cfg, recipe))
+            _embed_shard(
+                cache,
+                index,
+                shard,
+                recipe,
+                tokenizer,
+                engine,
+                schema,
+                duplicates,
+                summary,
+                bar,
+                cfg,
+            )
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _engine_config(cfg: EmbedConfig, recipe: Recipe) -> EngineConfig:
+    dtype = cfg.compute_dtype
+    if dtype == "auto":
+        import torch
+
+        dtype = "bfloat16" if torch.cuda.is_available() and cfg.device != "cpu" else "float32"
+    return EngineConfig(
+        model=cfg.model,
+        pooling=recipe.pooling,
+        layer=recipe.layer,
+        final_norm=recipe.final_norm,
+        dtype=dtype,
+        device=cfg.device,
+        token_budget=cfg.token_budget,
+    )
+
+
+def skip_reason(
+    row: int, key: str, texts: list, columns: list[str], duplicates: dict[str, int]
+) -> str | None:
+    """Why input row ``row`` is not embedded, or None to embed it."""
+    if key is None or key == "":
+        return "missing key"
+    if key in duplicates and duplicates[key] != row:
+        return "duplicate key"
+    for c, t in zip(columns, texts, strict=True):
+        if t is None:
+            return f"null caption in {c}"
+        if not t.strip():
+            return f"empty caption in {c}"
+    return None
+
+
+def _embed_shard(
+    cache, index, shard, recipe, tokenizer, engine, schema, duplicates, summary, bar, cfg
+) -> None:
+    # The columns each prompt group reads, in group order (a column may feed several groups).
+    group_cols = [g.column for g in recipe.groups]
+    kept, skipped = [], {"key": [], "input_row": [], "reason": []}
+    for i, key in enumerate(shard.keys):
+        row = shard.start + i
+        reason = skip_reason(
+            row, key, [shard.columns[c][i] for c in recipe.columns], recipe.columns, duplicates
+        )
+        if reason is None:
+            kept.append(i)
+        else:
+            skipped["key"].append(key)
+            skipped["input_row"].append(row)
+            skipped["reason"].append(reason)
+            summary.skipped[reason] += 1
+    n_vec = len(recipe.vector_names)
+    dim = engine.hidden_size
+    vectors = np.zeros((len(kept), n_vec, dim), np.float32)
+    tokens = np.zeros((len(kept), len(recipe.columns)), np.int32)
+    truncated = np.zeros(len(kept), bool)
+    col_index = {c: j for j, c in enumerate(recipe.columns)}
+    for s in range(0, len(kept), cfg.batch_rows):
+        rows = kept[s : s + cfg.batch_rows]
+        encoded = tokenizer.encode([[shard.columns[c][i] for c in group_cols] for i in rows])
+        items = [it for e in encoded for it in e.items]
+        out = engine.embed(items)
+        if out.shape != (len(rows) * n_vec, dim):
+            raise EmbedError(f"engine returned {out.shape}, expected {(len(rows) * n_vec, dim)}")
+        vectors[s : s + len(rows)] = out.reshape(len(rows), n_vec, dim)
+        for r, e in enumerate(encoded):
+            truncated[s + r] = e.truncated
+            for g, count in zip(group_cols, e.caption_tokens, strict=True):
+                tokens[s + r, col_index[g]] = count
+        n_tokens = sum(it.packed_length for it in items)
+        summary.tokens += n_tokens
+        bar.advance(len(rows), computed_rows=len(rows), tokens=n_tokens)
+    bar.advance(len(shard.keys) - len(kept))
+
+    bad = ~np.isfinite(vectors).all(axis=(1, 2))
+    if bad.any():
+        keys = [shard.keys[kept[i]] for i in np.flatnonzero(bad)[:10]]
+        raise EmbedError(
+            f"NaN/Inf in the vectors of {int(bad.sum())} caption(s) of shard {index} (keys {keys}); "
+            "the shard was not written. Try --compute-dtype float32, or check the model weights."
+        )
+    if recipe.normalize:
+        norms = np.linalg.norm(vectors, axis=2, keepdims=True)
+        vectors /= np.maximum(norms, 1e-12)
+
+    keys = [shard.keys[i] for i in kept]
+    arrays = {"key": pa.array(keys, pa.string())}
+    for c in schema.names:
+        if c in shard.columns:
+            arrays[c] = pa.array([shard.columns[c][i] for i in kept], pa.string())
+    for j, name in enumerate(recipe.vector_names):
+        for suffix, arr in encode_vectors(vectors[:, j], recipe.dtype).items():
+            arrays[name + suffix] = arr
+    for c, j in col_index.items():
+        arrays[TOKENS_PREFIX + c] = pa.array(tokens[:, j], pa.int32())
+    arrays["truncated"] = pa.array(truncated)
+    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
+    cache.write_shard(index, table, pa.table(skipped), shard.start, shard.start + len(shard.keys))
+    summary.rows += len(kept)
+    summary.truncated += int(truncated.sum())
+    summary.shards_written += 1

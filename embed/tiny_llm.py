@@ -1,0 +1,578 @@
+"""A small Llama causal LM and byte-level BPE tokenizer in Hugging Face format, for tests and
+the demo. Nothing is downloaded: the tokenizer and the weights are trained here, from the
+synthetic captions of ``eval.synth``.
+
+    facetclip tiny-llm OUT                 # trained (about 2-3 minutes on 2 CPU cores)
+    facetclip tiny-llm OUT --steps 0       # untrained weights, trained tokenizer (seconds)
+
+    >>> from embed.tiny_llm import TinyLLMConfig, build_tiny_llm, probe_facets
+    >>> build_tiny_llm("tiny", TinyLLMConfig(steps=0))          # doctest: +SKIP
+    >>> probe_facets("tiny")                                      # doctest: +SKIP
+    {'main_object': 0.52, 'main_characteristic': 0.41, ...}
+
+Why pre-train on prompts *with answers* (DESIGN.md, "The small LM"): a real instruction-tuned
+LLM asked ``…means in just one word:"`` holds the answer word in its last hidden state, which
+is what makes facet vectors meaningful. The small LM gets the same property by next-token
+prediction on the synthetic captions wrapped in the recipes' own prompts, each facet prompt
+followed by that facet's true one-word answer, e.g.
+
+    <s>Detailed Image description : "<long caption>" . After thinking step by step , the
+    category of the main object in this image means in just one word:"star"</s>
+
+A prompt group is trained the way the hf engine embeds it: the context ``BOS + prefix +
+caption + suffix`` once, then every facet (with its answer) behind a block attention mask and
+position ids that restart after the context (``embed.packing``). Each facet still sees exactly
+its standalone sequence, but the long caption is computed once for 7 answers instead of 7
+times, so the answers get most of the compute.
+
+The output directory is a standard checkpoint (``config.json``, ``model.safetensors``,
+``tokenizer.json``, ``tokenizer_config.json``) that ``AutoModelForCausalLM`` /
+``AutoTokenizer`` and vLLM load offline, plus ``training_log.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from embed.packing import additive_mask, facet_allowed, token_budget_batches
+from embed.prompts import (
+    CONTEXT_SUFFIX,
+    LONG_FACETS,
+    LONG_PREFIX,
+    RAW_FACETS,
+    SHORT_FACETS,
+    SHORT_PREFIX,
+    clean_caption,
+)
+from store.errors import InputError
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+IGNORE = -100  # target of a position that predicts nothing
+
+# Raw and short facets ask the same questions as these long facets, so share their answers.
+ANSWER_OF = {
+    **{name: name for name in LONG_FACETS},
+    "raw": "description",
+    "short_description": "description",
+    "short_main_object": "main_object",
+    "short_main_characteristic": "main_characteristic",
+}
+# Zero-shot classification prompts (CLIP style), wrapped in the raw prompt and answered with
+# the main object's category, so class-name prompts land near the right facet vectors.
+ZERO_SHOT_TEMPLATES = (
+    "a photo of a {obj}.",
+    "a {obj}.",
+    "a photo of the {obj}.",
+    "an image of a {obj}.",
+    "a picture of a {obj}.",
+    "a photo of a {char} {obj}.",
+    "a {char} {obj}.",
+)
+PROBE_FACETS = ("main_object", "main_characteristic", "minor_object", "atmosphere")
+MAX_CAPTION_TOKENS = 512
+HELDOUT_CAPTIONS = 32  # captions after the training range whose loss is reported
+
+
+@dataclass
+class TinyLLMConfig:
+    """Size and training budget of the small LM. The defaults take about 2-3 minutes on 2 CPU
+    cores; ``steps=0`` keeps the random initial weights (the tokenizer is still trained)."""
+
+    steps: int = 600
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    vocab_size: int = 3000  # an upper bound: BPE stops when the corpus has no more merges
+    n_captions: int = 3000
+    seed: int = 0
+    lr: float = 3e-3
+    batch_tokens: int = 4096  # padded tokens per optimiser step
+    answer_weight: float = 4.0  # loss weight of answer tokens relative to all other tokens
+    probe_n: int = 0  # held-out captions for a facet probe before and after training; 0: none
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise InputError(f"tiny-llm: {what}")
+
+        need(0 <= self.steps <= 10_000_000, f"steps must be in 0..10000000, got {self.steps}")
+        need(1 <= self.num_layers <= 64, f"num_layers must be in 1..64, got {self.num_layers}")
+        need(1 <= self.num_heads <= 64, f"num_heads must be in 1..64, got {self.num_heads}")
+        need(
+            1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+            f"num_kv_heads must divide num_heads ({self.num_heads}), got {self.num_kv_heads}",
+        )
+        need(
+            8 <= self.hidden_size <= 8192 and self.hidden_size % (2 * self.num_heads) == 0,
+            f"hidden_size must be in 8..8192 and a multiple of 2 x num_heads ({2 * self.num_heads}; "
+            f"rotary embeddings need an even head size), got {self.hidden_size}",
+        )
+        need(
+            1 <= self.intermediate_size <= 65536,
+            f"intermediate_size must be in 1..65536, got {self.intermediate_size}",
+        )
+        need(
+            300 <= self.vocab_size <= 100_000,
+            f"vocab_size must be in 300..100000 (256 bytes + special tokens + merges), got {self.vocab_size}",
+        )
+        need(1 <= self.n_captions <= 10_000_000, f"n_captions must be in 1..10000000, got {self.n_captions}")
+        need(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
+        need(
+            256 <= self.batch_tokens <= 10_000_000,
+            f"batch_tokens must be in 256..10000000, got {self.batch_tokens}",
+        )
+        need(0 <= self.answer_weight <= 1000, f"answer_weight must be in 0..1000, got {self.answer_weight}")
+        need(0 <= self.probe_n <= 100_000, f"probe_n must be in 0..100000, got {self.probe_n}")
+
+
+@dataclass
+class TinyLLMReport:
+    out: Path
+    steps: int
+    initial_loss: float | None  # mean next-token loss on held-out captions; None when steps=0
+    final_loss: float | None
+    seconds: float
+    n_params: int
+
+
+# --- data -------------------------------------------------------------------------------
+
+
+def _synth_samples(n: int, seed: int, start: int = 0) -> list:
+    """``n`` synthetic samples (caption, short_caption, long_caption, answers)."""
+    from eval.synth import iter_samples  # eval/ imports embed/; import late, only when needed
+
+    return list(iter_samples(n, seed=seed, start=start))
+
+
+def _prompt_groups(sample) -> list[tuple[str, str, dict[str, str]]]:
+    """The recipes' three prompt groups of one sample: (prefix, cleaned caption, facets)."""
+    return [
+        (SHORT_PREFIX, clean_caption(sample.caption), RAW_FACETS),
+        (SHORT_PREFIX, clean_caption(sample.short_caption), SHORT_FACETS),
+        (LONG_PREFIX, clean_caption(sample.long_caption), LONG_FACETS),
+    ]
+
+
+def _zero_shot_caption(sample, rng: random.Random) -> str:
+    template = rng.choice(ZERO_SHOT_TEMPLATES)
+    return template.format(obj=sample.answers["main_object"], char=sample.answers["main_characteristic"])
+
+
+def _tokenizer_texts(samples: Sequence) -> Iterable[str]:
+    """Everything the tokenizer will see, each piece as it is tokenized later (alone)."""
+    prompt_pieces = [LONG_PREFIX, SHORT_PREFIX, CONTEXT_SUFFIX, *LONG_FACETS.values()]
+    templates = [t.replace("{obj}", "").replace("{char}", "") for t in ZERO_SHOT_TEMPLATES]
+    for s in samples:
+        yield from (clean_caption(s.caption), clean_caption(s.short_caption), clean_caption(s.long_caption))
+        # Once per caption, like in training, so prompt words get merged into whole tokens.
+        yield from prompt_pieces
+        yield from templates
+        yield from (f'{a}"' for a in s.answers.values())
+
+
+def train_tokenizer(samples: Sequence, vocab_size: int):
+    """A byte-level BPE tokenizer (any Unicode text tokenizes, nothing is unknown) whose
+    ``tok(text, add_special_tokens=False)`` gives plain ids and ``add_special_tokens=True``
+    prepends BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, BOS, EOS]  # ids 0, 1, 2
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=False,
+    )
+    tk.train_from_iterator(_tokenizer_texts(samples), trainer=trainer)
+    bos_id = tk.token_to_id(BOS)
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
+    )
+
+
+@dataclass(frozen=True)
+class PackedItem:
+    """One training row part: a context, then facet segments behind the block mask.
+
+    ``target[i]`` is the token position i predicts in its own standalone sequence (IGNORE for
+    none) and ``weight[i]`` its loss weight; ``segment`` and ``position`` follow
+    ``embed.packing`` (0 = context, k = facet k; positions restart after the context).
+    """
+
+    ids: tuple[int, ...]
+    segment: tuple[int, ...]
+    position: tuple[int, ...]
+    target: tuple[int, ...]
+    weight: tuple[float, ...]
+
+
+def pack_prompt(
+    context: Sequence[int],
+    facets: Sequence[Sequence[int]] = (),
+    answers: Sequence[Sequence[int]] = (),
+    answer_weight: float = 1.0,
+) -> PackedItem:
+    """Pack ``context`` and facet segments ``facet_k + answer_k``; answers may be empty (probe).
+
+    Targets inside the context are the next context token; the context's last token predicts
+    the first facet's first token; facet tokens predict the next token of their own segment.
+    Tokens of an answer are predicted with weight ``answer_weight`` (the first one from the
+    facet's last token, exactly the position whose hidden state is the facet embedding).
+    """
+    c = len(context)
+    ids, seg, pos = list(context), [0] * c, list(range(c))
+    tgt = list(context[1:]) + [facets[0][0] if facets else IGNORE]
+    wt = [1.0] * c
+    for k, facet in enumerate(facets, start=1):
+        answer = list(answers[k - 1]) if answers else []
+        segment = list(facet) + answer
+        ids += segment
+        seg += [k] * len(segment)
+        pos += range(c, c + len(segment))
+        tgt += segment[1:] + [IGNORE]
+        wt += [1.0] * (len(facet) - 1) + [answer_weight] * len(answer) + [0.0]
+    wt = [w if t != IGNORE else 0.0 for w, t in zip(wt, tgt, strict=True)]
+    return PackedItem(tuple(ids), tuple(seg), tuple(pos), tuple(tgt), tuple(wt))
+
+
+class _Encoder:
+    """Token ids of prompt pieces, each tokenized alone as facetclip does (BOS added by us)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self._cache[text]
+
+    def context(self, prefix: str, caption: str) -> list[int]:
+        return [self.bos] + self(prefix) + self(caption)[:MAX_CAPTION_TOKENS] + self(CONTEXT_SUFFIX)
+
+
+def training_items(samples: Sequence, enc: _Encoder, answer_weight: float, seed: int) -> list[PackedItem]:
+    """Per sample: the raw, short and long prompt groups with every facet answered, a
+    zero-shot class prompt answered with the main object, and one bare caption."""
+    rng = random.Random(seed)
+    items = []
+    for s in samples:
+        for prefix, caption, facets in _prompt_groups(s):
+            answers = [enc(s.answers[ANSWER_OF[name]] + '"') + [enc.eos] for name in facets]
+            facet_ids = [enc(text) for text in facets.values()]
+            items.append(pack_prompt(enc.context(prefix, caption), facet_ids, answers, answer_weight))
+        obj = [enc(s.answers["main_object"] + '"') + [enc.eos]]
+        zs_context = enc.context(SHORT_PREFIX, clean_caption(_zero_shot_caption(s, rng)))
+        items.append(pack_prompt(zs_context, [enc(RAW_FACETS["raw"])], obj, answer_weight))
+        bare = rng.choice([s.caption, s.short_caption, s.long_caption])
+        items.append(pack_prompt([enc.bos] + enc(bare)[:MAX_CAPTION_TOKENS] + [enc.eos]))
+    return items
+
+
+def collate(items: Sequence[PackedItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad items into [B, L] tensors plus the [B, 1, L, L] additive attention mask."""
+    length = max(len(it.ids) for it in items)
+    batch = {
+        "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
+        "segment": torch.full((len(items), length), -1, dtype=torch.long),
+        "position_ids": torch.zeros((len(items), length), dtype=torch.long),
+        "target": torch.full((len(items), length), IGNORE, dtype=torch.long),
+        "weight": torch.zeros((len(items), length)),
+    }
+    for b, it in enumerate(items):
+        n = len(it.ids)
+        batch["input_ids"][b, :n] = torch.tensor(it.ids)
+        batch["segment"][b, :n] = torch.tensor(it.segment)
+        batch["position_ids"][b, :n] = torch.tensor(it.position)
+        batch["target"][b, :n] = torch.tensor(it.target)
+        batch["weight"][b, :n] = torch.tensor(it.weight)
+    batch["attention_mask"] = additive_mask(facet_allowed(batch["segment"]), torch.float32)
+    return batch
+
+
+# --- model and training -------------------------------------------------------------------
+
+
+def make_model(cfg: TinyLLMConfig, tok):
+    """A randomly initialised Llama sized by ``cfg``, in float32 (seeded by the caller)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    return LlamaForCausalLM(config)
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] next-token cross-entropy of every position against its own target (0 where none)."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    ).logits
+    return F.cross_entropy(
+        logits.flatten(0, 1), batch["target"].flatten(), ignore_index=IGNORE, reduction="none"
+    ).view_as(batch["weight"])
+
+
+@torch.no_grad()
+def heldout_loss(model, batches: Sequence[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """(mean loss over all predicted tokens, mean loss over answer tokens) on fixed batches."""
+    model.eval()
+    total = answer = n_total = n_answer = 0.0
+    for batch in batches:
+        ce = token_losses(model, batch)
+        predicted = batch["target"] != IGNORE
+        is_answer = batch["weight"] > 1.0  # held-out items are built with answer_weight 2
+        total += ce[predicted].sum().item()
+        n_total += predicted.sum().item()
+        answer += ce[is_answer].sum().item()
+        n_answer += is_answer.sum().item()
+    model.train()
+    return total / max(n_total, 1), answer / max(n_answer, 1)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"tiny-llm: {out} exists and is not a directory; choose another OUT")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"tiny-llm: {out} is not empty; pass --overwrite to replace its model")
+
+
+def build_tiny_llm(out: str | Path, cfg: TinyLLMConfig, progress: bool = True) -> TinyLLMReport:
+    """Train the tokenizer, initialise (and unless ``cfg.steps == 0`` pre-train) a small Llama,
+    and save both to ``out`` in Hugging Face format with ``training_log.json``."""
+    from rich.console import Console
+
+    cfg.validate()
+    out = Path(out)
+    _check_out(out, cfg.overwrite)
+    console = Console(quiet=not progress)
+    t0 = time.perf_counter()
+
+    samples = _synth_samples(cfg.n_captions, cfg.seed)
+    tok = train_tokenizer(samples, cfg.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, tok)
+    n_params = model.num_parameters()
+    console.print(f"tiny-llm: vocab {len(tok)}, {n_params / 1e6:.2f}M parameters, {cfg.steps} steps")
+
+    log: dict = {"config": asdict(cfg), "vocab_size": len(tok), "n_params": n_params, "steps": cfg.steps}
+    initial_loss = final_loss = None
+    if cfg.steps > 0 or cfg.probe_n > 0:
+        probe_samples = _synth_samples(cfg.probe_n, cfg.seed, start=cfg.n_captions + HELDOUT_CAPTIONS)
+        if cfg.probe_n:
+            log["probe_untrained"] = facet_probe(model, tok, probe_samples)
+    if cfg.steps > 0:
+        train_log = train(model, tok, samples, cfg, console)
+        initial_loss, final_loss = train_log["initial_loss"], train_log["final_loss"]
+        log.update(train_log)
+        if cfg.probe_n:
+            log["probe_trained"] = facet_probe(model, tok, probe_samples)
+    if cfg.probe_n:
+        console.print(f"tiny-llm: facet probe (nearest centroid) {log.get('probe_trained', log['probe_untrained'])}")
+    log["initial_loss"], log["final_loss"] = initial_loss, final_loss
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    seconds = time.perf_counter() - t0
+    log["seconds"] = round(seconds, 2)
+    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    console.print(f"tiny-llm: saved to {out} in {seconds:.0f} s")
+    return TinyLLMReport(out, cfg.steps, initial_loss, final_loss, seconds, n_params)
+
+
+def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
+    """AdamW next-token training on length-bucketed batches of packed prompts. Returns the
+    held-out losses before and after, the wall time and a coarse training-loss curve."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    enc = _Encoder(tok)
+    items = training_items(samples, enc, cfg.answer_weight, cfg.seed)
+    heldout = training_items(
+        _synth_samples(HELDOUT_CAPTIONS, cfg.seed, start=cfg.n_captions), enc, 2.0, cfg.seed + 1
+    )
+    heldout_batches = [
+        collate([heldout[i] for i in b], tok.pad_token_id)
+        for b in token_budget_batches([len(it.ids) for it in heldout], cfg.batch_tokens)
+    ]
+    # Length bucketing keeps padding small; the order of the buckets is shuffled every epoch.
+    buckets = token_budget_batches([len(it.ids) for it in items], cfg.batch_tokens)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    initial, initial_answer = heldout_loss(model, heldout_batches)
+    console.print(f"tiny-llm: initial held-out loss {initial:.3f} (answer tokens {initial_answer:.3f})")
+
+    t0 = time.perf_counter()
+    curve: list[tuple[int, float]] = []
+    order: list[int] = []
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
+    model.train()
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("train", total=cfg.steps, loss="-")
+        running = None
+        for step in range(cfg.steps):
+            if not order:
+                order = torch.randperm(len(buckets), generator=gen).tolist()
+            batch = collate([items[i] for i in buckets[order.pop()]], tok.pad_token_id)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.steps, cfg.lr)
+            ce = token_losses(model, batch)
+            # Weighted mean: answer tokens count `answer_weight` times, padding not at all.
+            loss = (ce * batch["weight"]).sum() / batch["weight"].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            if step % 10 == 0 or step == cfg.steps - 1:
+                curve.append((step, round(loss.item(), 4)))
+            bar.update(task, advance=1, loss=f"{running:.3f}")
+    seconds = time.perf_counter() - t0
+    final, final_answer = heldout_loss(model, heldout_batches)
+    console.print(f"tiny-llm: final held-out loss {final:.3f} (answer tokens {final_answer:.3f})")
+    return {
+        "initial_loss": round(initial, 4),
+        "final_loss": round(final, 4),
+        "initial_answer_loss": round(initial_answer, 4),
+        "final_answer_loss": round(final_answer, 4),
+        "train_seconds": round(seconds, 2),
+        "train_items": len(items),
+        "loss_curve": curve,
+    }
+
+
+# --- probe ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def facet_vectors(model, tok, samples: Sequence, facets: Sequence[str]) -> torch.Tensor:
+    """[len(facets), N, D] last-token hidden states (after the final norm) of
+    ``BOS + LONG_PREFIX + long caption + CONTEXT_SUFFIX + facet`` for every sample."""
+    enc = _Encoder(tok)
+    facet_ids = [enc(LONG_FACETS[f]) for f in facets]
+    items = [pack_prompt(enc.context(LONG_PREFIX, clean_caption(s.long_caption)), facet_ids) for s in samples]
+    model.eval()
+    vectors = torch.zeros(len(facets), len(samples), model.config.hidden_size)
+    for bucket in token_budget_batches([len(it.ids) for it in items], 8192):
+        batch = collate([items[i] for i in bucket], tok.pad_token_id)
+        hidden = model.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).last_hidden_state
+        for row, i in enumerate(bucket):
+            # Last token of facet k = last position whose segment is k.
+            seg = batch["segment"][row]
+            for k in range(len(facets)):
+                last = int((seg == k + 1).nonzero().max())
+                vectors[k, i] = hidden[row, last]
+    model.train()
+    return vectors
+
+
+def nearest_centroid_accuracy(vectors: torch.Tensor, labels: Sequence[str]) -> float:
+    """Fit class centroids on the first half, classify the second half by cosine similarity.
+    Vectors are centred on the fitting half's mean first (LLM states share a large common
+    direction that would otherwise dominate every cosine)."""
+    half = len(labels) // 2
+    mean = vectors[:half].mean(0)
+    x = F.normalize(vectors - mean, dim=-1)
+    classes = sorted(set(labels[:half]))
+    centroids = torch.stack(
+        [F.normalize(x[:half][[lab == c for lab in labels[:half]]].mean(0), dim=-1) for c in classes]
+    )
+    predicted = (x[half:] @ centroids.T).argmax(-1).tolist()
+    return sum(classes[p] == lab for p, lab in zip(predicted, labels[half:], strict=True)) / max(
+        1, len(labels) - half
+    )
+
+
+def facet_probe(model, tok, samples: Sequence, facets: Sequence[str] = PROBE_FACETS) -> dict[str, float]:
+    """Nearest-centroid accuracy of each facet's vectors at predicting that facet's answer."""
+    vectors = facet_vectors(model, tok, samples, facets)
+    return {
+        f: round(nearest_centroid_accuracy(vectors[k], [s.answers[f] for s in samples]), 4)
+        for k, f in enumerate(facets)
+    }
+
+
+def probe_facets(
+    model_dir: str | Path, n: int = 400, seed: int = 0, start: int = 1_000_000
+) -> dict[str, float]:
+    """How well a saved model's facet vectors separate held-out samples by their answers.
+
+    Nearest-centroid accuracy (centroids from the first n/2 samples, scored on the rest) of
+    the main object, main characteristic, minor object and atmosphere facets, on synthetic
+    samples ``start .. start + n`` (beyond any training range) of ``seed``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if n < 4:
+        raise InputError(f"probe: n must be at least 4, got {n}")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return facet_probe(model, tok, _synth_samples(n, seed, start=start))

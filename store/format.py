@@ -1,0 +1,113 @@
+"""The cache's on-disk format: Arrow schema of a shard, vector encodings, file metadata.
+
+A shard row is one caption: ``key``, one fixed-size-list column per vector name (float16 by
+default; float32; or int8 with a per-vector float32 scale in ``<name>__scale``), the caption
+texts it was made from, the caption token counts per column (``tokens__<column>``, before
+truncation) and a ``truncated`` flag. Every file also carries the recipe and vector layout in
+its key-value metadata so a lone shard explains itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+VECTOR_DTYPES = ("float16", "float32", "int8")
+META_RECIPE = b"facetclip.recipe"
+META_LAYOUT = b"facetclip.layout"
+SCALE_SUFFIX = "__scale"
+TOKENS_PREFIX = "tokens__"
+
+_ARROW = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
+
+
+def dump_toml(d: dict) -> str:
+    """A small TOML writer for flat tables plus arrays of tables (the recipe's shape)."""
+
+    def scalar(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        # JSON string escapes are valid TOML basic-string escapes.
+        return json.dumps(str(v), ensure_ascii=False)
+
+    def table(prefix: str, t: dict, lines: list[str]) -> None:
+        subtables = []
+        for k, v in t.items():
+            if isinstance(v, dict) or isinstance(v, list) and v and isinstance(v[0], dict):
+                subtables.append((k, v))
+            elif isinstance(v, list):
+                lines.append(f"{k} = [{', '.join(scalar(x) for x in v)}]")
+            else:
+                lines.append(f"{k} = {scalar(v)}")
+        for k, v in subtables:
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                lines += ["", f"[{name}]"]
+                table(name + ".", v, lines)
+            else:
+                for item in v:
+                    lines += ["", f"[[{name}]]"]
+                    table(name + ".", item, lines)
+
+    lines: list[str] = []
+    table("", d, lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def shard_schema(
+    vector_names: list[str], dim: int, dtype: str, text_columns: list[str], token_columns: list[str]
+) -> pa.Schema:
+    fields = [pa.field("key", pa.string(), nullable=False)]
+    for c in text_columns:
+        fields.append(pa.field(c, pa.string()))
+    for name in vector_names:
+        fields.append(pa.field(name, pa.list_(_ARROW[dtype], dim), nullable=False))
+        if dtype == "int8":
+            fields.append(pa.field(name + SCALE_SUFFIX, pa.float32(), nullable=False))
+    for c in token_columns:
+        fields.append(pa.field(TOKENS_PREFIX + c, pa.int32(), nullable=False))
+    fields.append(pa.field("truncated", pa.bool_(), nullable=False))
+    return pa.schema(fields)
+
+
+def encode_vectors(v: np.ndarray, dtype: str) -> dict[str, pa.Array]:
+    """[N, D] float32 -> the column(s) storing them (``""`` = the vector column itself)."""
+    n, d = v.shape
+    if dtype == "int8":
+        # Symmetric per-vector scale: q = round(v / s), s = max|v| / 127. Worst-case error per
+        # component is s / 2; for unit vectors in high dimension that is ~1e-3 relative.
+        scale = np.abs(v).max(axis=1) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(v / scale[:, None]), -127, 127).astype(np.int8)
+        return {
+            "": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), d),
+            SCALE_SUFFIX: pa.array(scale.astype(np.float32)),
+        }
+    flat = v.astype(np.float16 if dtype == "float16" else np.float32).reshape(-1)
+    return {"": pa.FixedSizeListArray.from_arrays(pa.array(flat), d)}
+
+
+def decode_vectors(table: pa.Table, name: str, dtype: str) -> np.ndarray:
+    """The column(s) of vector ``name`` -> [N, D] float32."""
+    col = table.column(name).combine_chunks()
+    d = col.type.list_size
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    v = values.reshape(-1, d).astype(np.float32)
+    if dtype == "int8":
+        v *= table.column(name + SCALE_SUFFIX).to_numpy()[:, None]
+    return v
+
+
+def layout_metadata(vector_names: list[str], dim: int, dtype: str, text_columns: list[str]) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "vector_names": list(vector_names),
+        "dim": int(dim),
+        "dtype": dtype,
+        "text_columns": list(text_columns),
+    }

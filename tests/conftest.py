@@ -1,0 +1,46 @@
+"""Shared fixtures: a synthetic dataset and an untrained small LM, built once per test session
+by the project's own commands' functions (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Test models are tiny: one thread is faster than two (OpenMP spin-waits cost more than the
+# matmuls), and immune to a busy second core.
+torch.set_num_threads(1)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """An untrained 4-layer Llama (weights random, tokenizer trained): right for engine math."""
+    import transformers
+
+    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+
+    transformers.utils.logging.set_verbosity_error()
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    build_tiny_llm(
+        out,
+        TinyLLMConfig(steps=0, hidden_size=64, intermediate_size=128, n_captions=400),
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    from eval.synth import SynthConfig, write_synth
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    write_synth(
+        out,
+        SynthConfig(n=120, seed=0, n_retrieval=10, n_zeroshot_per_class=1, shard_size=50),
+        progress=False,
+    )
+    return out

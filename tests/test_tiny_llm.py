@@ -1,0 +1,178 @@
+"""The small LM: a standard HF checkpoint that loads offline, trains, and is reproducible."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from embed.prompts import CONTEXT_SUFFIX, LONG_FACETS, LONG_PREFIX
+from embed.tiny_llm import IGNORE, TinyLLMConfig, build_tiny_llm, pack_prompt
+from store.errors import InputError
+
+# Small enough that the whole module runs in seconds on 2 cores.
+SMALL = dict(
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    n_captions=40,
+    batch_tokens=1024,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Two untrained and two briefly trained models, built with the same seed."""
+    root = tmp_path_factory.mktemp("tiny_llm")
+    reports = {}
+    for name, steps in [("untrained", 0), ("untrained_again", 0), ("trained", 30), ("trained_again", 30)]:
+        reports[name] = build_tiny_llm(root / name, TinyLLMConfig(steps=steps, **SMALL), progress=False)
+    return root, reports
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def test_untrained_model_loads_offline_as_llama(tiny_dirs, offline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, reports = tiny_dirs
+    model = AutoModelForCausalLM.from_pretrained(root / "untrained")
+    tok = AutoTokenizer.from_pretrained(root / "untrained")
+    assert model.config.model_type == "llama"
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.max_position_embeddings >= 2048
+    assert model.config.head_dim * model.config.num_attention_heads == model.config.hidden_size
+    assert model.config.num_key_value_heads == 2
+    assert (root / "untrained" / "model.safetensors").is_file()
+    assert reports["untrained"].initial_loss is None and reports["untrained"].steps == 0
+    assert reports["untrained"].n_params == model.num_parameters()
+
+    ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
+    assert None not in ids.values() and len(set(ids.values())) == 3
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    assert model.config.vocab_size == len(tok)
+
+    text = LONG_PREFIX + "A red star." + CONTEXT_SUFFIX + LONG_FACETS["main_object"]
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.bos_token_id not in plain  # facetclip adds BOS itself
+    assert tok(text)["input_ids"] == [tok.bos_token_id, *plain]
+    with torch.no_grad():
+        out = model(torch.tensor([[tok.bos_token_id, *plain]]))
+    assert out.logits.shape == (1, len(plain) + 1, len(tok))
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("text", ["Ein roter Stern über dem Fluss.", "红色的星星", "Звезда — 🌟 ok", "naïve café"])
+def test_any_unicode_round_trips(tiny_dirs, offline, text):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[0] / "untrained")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id is None or tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+
+
+def test_prompt_words_are_whole_tokens(tiny_dirs, offline):
+    """The tokenizer was trained on the prompts, so they are short sequences of whole words."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[0] / "untrained")
+    facet = LONG_FACETS["main_object"]
+    assert len(tok(facet, add_special_tokens=False)["input_ids"]) <= len(facet.split()) + 3
+
+
+def test_short_training_lowers_the_loss(tiny_dirs):
+    root, reports = tiny_dirs
+    report = reports["trained"]
+    assert report.steps == 30
+    assert report.final_loss < report.initial_loss
+    log = json.loads((root / "trained" / "training_log.json").read_text())
+    assert log["steps"] == 30
+    assert log["initial_loss"] == report.initial_loss and log["final_loss"] == report.final_loss
+    assert log["final_answer_loss"] < log["initial_answer_loss"]
+    assert log["config"]["hidden_size"] == SMALL["hidden_size"]
+    assert log["seconds"] > 0
+
+
+@pytest.mark.parametrize("a, b", [("untrained", "untrained_again"), ("trained", "trained_again")])
+def test_same_seed_same_tokenizer_and_weights(tiny_dirs, a, b):
+    root, _ = tiny_dirs
+    assert (root / a / "tokenizer.json").read_bytes() == (root / b / "tokenizer.json").read_bytes()
+    wa, wb = load_file(root / a / "model.safetensors"), load_file(root / b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_refuses_non_empty_out_unless_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    cfg = TinyLLMConfig(steps=0, **SMALL)
+    with pytest.raises(InputError, match="--overwrite"):
+        build_tiny_llm(tmp_path, cfg, progress=False)
+    cfg.overwrite = True
+    assert build_tiny_llm(tmp_path, cfg, progress=False).out == tmp_path
+    assert (tmp_path / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(steps=-1), "steps must be in 0"),
+        (dict(hidden_size=30), "hidden_size must be"),
+        (dict(num_kv_heads=3), "num_kv_heads must divide"),
+        (dict(num_layers=0), "num_layers must be in 1"),
+        (dict(vocab_size=100), "vocab_size must be in 300"),
+        (dict(lr=0.0), "lr must be in"),
+        (dict(batch_tokens=10), "batch_tokens must be in 256"),
+        (dict(answer_weight=-1.0), "answer_weight must be in 0"),
+    ],
+)
+def test_bad_config_is_refused_with_the_allowed_range(tmp_path, change, match):
+    cfg = TinyLLMConfig(**{**SMALL, **change})
+    with pytest.raises(InputError, match=match):
+        build_tiny_llm(tmp_path / "out", cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_prompt_targets_and_answer_weights():
+    """Each facet predicts its own next tokens; answers (and only answers) carry the weight."""
+    item = pack_prompt([1, 10, 11], [[20, 21], [30]], [[40, 2], [50, 2]], answer_weight=5.0)
+    assert item.ids == (1, 10, 11, 20, 21, 40, 2, 30, 50, 2)
+    assert item.segment == (0, 0, 0, 1, 1, 1, 1, 2, 2, 2)
+    assert item.position == (0, 1, 2, 3, 4, 5, 6, 3, 4, 5)
+    assert item.target == (10, 11, 20, 21, 40, 2, IGNORE, 50, 2, IGNORE)
+    assert item.weight == (1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 0.0, 5.0, 5.0, 0.0)
+
+
+def test_packed_facets_match_standalone_sequences(tiny_dirs, offline):
+    """Training and the probe pack facets behind a block mask; each facet must still see
+    exactly its standalone sequence ``context + facet`` (DESIGN.md's definition)."""
+    from transformers import AutoModelForCausalLM
+
+    from embed.tiny_llm import collate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[0] / "trained").eval()
+    context, facets = [1, 40, 41, 42, 43], [[50, 51], [60, 61, 62], [70]]
+    short = pack_prompt([1, 44], [[52]])
+    batch = collate([pack_prompt(context, facets), short], pad_id=0)
+    with torch.no_grad():
+        packed = model.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).last_hidden_state
+        end = len(context)
+        for facet in facets:
+            end += len(facet)
+            alone = model.model(input_ids=torch.tensor([context + facet])).last_hidden_state[0, -1]
+            torch.testing.assert_close(packed[0, end - 1], alone, rtol=1e-5, atol=1e-5)
+        alone = model.model(input_ids=torch.tensor([[1, 44, 52]])).last_hidden_state[0, -1]
+        torch.testing.assert_close(packed[1, 2], alone, rtol=1e-5, atol=1e-5)
