@@ -91,9 +91,7 @@ def inspect_model(model: str) -> ModelInfo:
         raise InputError(f"cannot read the model config in {path}: {e}") from None
     config = getattr(config, "text_config", None) or config
     archs = getattr(config, "architectures", None) or []
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not any(
-        a.endswith("ForCausalLM") for a in archs
-    ):
+    if not _is_decoder_lm(config.model_type, archs, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         raise InputError(
             f"model {model!r} (model_type {config.model_type!r}, architectures {archs}) is not a causal LM; "
             "facetclip embeds with decoder-only LLMs (Llama, Mistral, Qwen, ...)"
@@ -101,6 +99,27 @@ def inspect_model(model: str) -> ModelInfo:
     return ModelInfo(
         path, int(config.hidden_size), int(config.num_hidden_layers), config.model_type
     )
+
+
+# Encoders that transformers can also build with an LM head (BertLMHeadModel, ...): not LLMs.
+_ENCODER_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "camembert",
+    "ernie",
+    "bert-generation",
+    "roformer",
+}
+
+
+def _is_decoder_lm(model_type: str, archs: list[str], causal_types) -> bool:
+    if model_type in _ENCODER_TYPES:
+        return False
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return model_type in causal_types
 
 
 def check_layer(layer: int, num_layers: int) -> int:

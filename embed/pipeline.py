@@ -7,6 +7,8 @@ without loading the model, and recomputes only what is missing.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,7 +30,7 @@ from embed.inputs import (
 )
 from embed.prompts import Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
-from store.cache import MANIFEST_FILE, Cache, Manifest
+from store.cache import MANIFEST_FILE, SKIPPED_SCHEMA, Cache, Manifest
 from store.errors import FacetclipError, InputError
 from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
 
@@ -272,6 +274,7 @@ def run_embed(
     if cfg.limit is not None:
         total = cfg.limit if total is None else min(total, cfg.limit)
     bar = _Progress(total, progress)
+    embedder = None
     try:
         for shard in _shards(source, recipe.columns, shard_rows, cfg.limit):
             index = shard.start // shard_rows
@@ -282,25 +285,25 @@ def run_embed(
                 summary.rows_reused += entry.rows
                 bar.advance(len(shard.keys))
                 continue
-            if engine is None:
+            if engine is None:  # loaded only when there is work: a finished cache never loads it
                 engine = make_engine(cfg.engine, _engine_config(cfg, recipe))
-            _embed_shard(
-                cache,
-                index,
-                shard,
-                recipe,
-                tokenizer,
-                engine,
-                schema,
-                duplicates,
-                summary,
-                bar,
-                cfg,
+            embedder = embedder or _ShardEmbedder(
+                cache, recipe, tokenizer, engine, schema, duplicates, cfg
             )
+            embedder.run(index, shard, summary, bar)
+            _maybe_fault(summary.shards_written)
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _maybe_fault(shards_written: int) -> None:
+    """Fault injection for crash tests: FACETCLIP_KILL_AFTER_SHARDS=N makes the process
+    SIGKILL itself right after its N-th shard landed in the manifest."""
+    n = os.environ.get("FACETCLIP_KILL_AFTER_SHARDS")
+    if n and shards_written >= int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _engine_config(cfg: EmbedConfig, recipe: Recipe) -> EngineConfig:
@@ -336,71 +339,88 @@ def skip_reason(
     return None
 
 
-def _embed_shard(
-    cache, index, shard, recipe, tokenizer, engine, schema, duplicates, summary, bar, cfg
-) -> None:
-    # The columns each prompt group reads, in group order (a column may feed several groups).
-    group_cols = [g.column for g in recipe.groups]
-    kept, skipped = [], {"key": [], "input_row": [], "reason": []}
-    for i, key in enumerate(shard.keys):
-        row = shard.start + i
-        reason = skip_reason(
-            row, key, [shard.columns[c][i] for c in recipe.columns], recipe.columns, duplicates
-        )
-        if reason is None:
-            kept.append(i)
-        else:
-            skipped["key"].append(key)
-            skipped["input_row"].append(row)
-            skipped["reason"].append(reason)
-            summary.skipped[reason] += 1
-    n_vec = len(recipe.vector_names)
-    dim = engine.hidden_size
-    vectors = np.zeros((len(kept), n_vec, dim), np.float32)
-    tokens = np.zeros((len(kept), len(recipe.columns)), np.int32)
-    truncated = np.zeros(len(kept), bool)
-    col_index = {c: j for j, c in enumerate(recipe.columns)}
-    for s in range(0, len(kept), cfg.batch_rows):
-        rows = kept[s : s + cfg.batch_rows]
-        encoded = tokenizer.encode([[shard.columns[c][i] for c in group_cols] for i in rows])
-        items = [it for e in encoded for it in e.items]
-        out = engine.embed(items)
-        if out.shape != (len(rows) * n_vec, dim):
-            raise EmbedError(f"engine returned {out.shape}, expected {(len(rows) * n_vec, dim)}")
-        vectors[s : s + len(rows)] = out.reshape(len(rows), n_vec, dim)
-        for r, e in enumerate(encoded):
-            truncated[s + r] = e.truncated
-            for g, count in zip(group_cols, e.caption_tokens, strict=True):
-                tokens[s + r, col_index[g]] = count
-        n_tokens = sum(it.packed_length for it in items)
-        summary.tokens += n_tokens
-        bar.advance(len(rows), computed_rows=len(rows), tokens=n_tokens)
-    bar.advance(len(shard.keys) - len(kept))
+@dataclass
+class _ShardEmbedder:
+    """Embeds one shard's rows and writes the shard (or refuses to, on NaN/Inf)."""
 
-    bad = ~np.isfinite(vectors).all(axis=(1, 2))
-    if bad.any():
-        keys = [shard.keys[kept[i]] for i in np.flatnonzero(bad)[:10]]
-        raise EmbedError(
-            f"NaN/Inf in the vectors of {int(bad.sum())} caption(s) of shard {index} (keys {keys}); "
-            "the shard was not written. Try --compute-dtype float32, or check the model weights."
-        )
-    if recipe.normalize:
-        norms = np.linalg.norm(vectors, axis=2, keepdims=True)
-        vectors /= np.maximum(norms, 1e-12)
+    cache: Cache
+    recipe: Recipe
+    tokenizer: PromptTokenizer
+    engine: Engine
+    schema: pa.Schema
+    duplicates: dict[str, int]
+    cfg: EmbedConfig
 
-    keys = [shard.keys[i] for i in kept]
-    arrays = {"key": pa.array(keys, pa.string())}
-    for c in schema.names:
-        if c in shard.columns:
-            arrays[c] = pa.array([shard.columns[c][i] for i in kept], pa.string())
-    for j, name in enumerate(recipe.vector_names):
-        for suffix, arr in encode_vectors(vectors[:, j], recipe.dtype).items():
-            arrays[name + suffix] = arr
-    for c, j in col_index.items():
-        arrays[TOKENS_PREFIX + c] = pa.array(tokens[:, j], pa.int32())
-    arrays["truncated"] = pa.array(truncated)
-    table = pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema)
-    cache.write_shard(index, table, pa.table(skipped), shard.start, shard.start + len(shard.keys))
-    summary.rows += len(kept)
-    summary.truncated += int(truncated.sum())
-    summary.shards_written += 1
+    def run(self, index: int, shard: CaptionBatch, summary: EmbedSummary, bar: _Progress) -> None:
+        recipe, engine = self.recipe, self.engine
+        # The column each prompt group reads, in group order (a column may feed several groups).
+        group_cols = [g.column for g in recipe.groups]
+        kept, skipped = [], {"key": [], "input_row": [], "reason": []}
+        for i, key in enumerate(shard.keys):
+            row = shard.start + i
+            texts = [shard.columns[c][i] for c in recipe.columns]
+            reason = skip_reason(row, key, texts, recipe.columns, self.duplicates)
+            if reason is None:
+                kept.append(i)
+            else:
+                skipped["key"].append(key)
+                skipped["input_row"].append(row)
+                skipped["reason"].append(reason)
+                summary.skipped[reason] += 1
+        n_vec = len(recipe.vector_names)
+        dim = engine.hidden_size
+        vectors = np.zeros((len(kept), n_vec, dim), np.float32)
+        tokens = np.zeros((len(kept), len(recipe.columns)), np.int32)
+        truncated = np.zeros(len(kept), bool)
+        col_index = {c: j for j, c in enumerate(recipe.columns)}
+        for s in range(0, len(kept), self.cfg.batch_rows):
+            rows = kept[s : s + self.cfg.batch_rows]
+            encoded = self.tokenizer.encode(
+                [[shard.columns[c][i] for c in group_cols] for i in rows]
+            )
+            items = [it for e in encoded for it in e.items]
+            out = engine.embed(items)
+            if out.shape != (len(rows) * n_vec, dim):
+                raise EmbedError(
+                    f"engine returned {out.shape}, expected {(len(rows) * n_vec, dim)}"
+                )
+            # Items are in row-then-group order and each yields its vectors in facet order,
+            # which is exactly recipe.vector_names order within a row.
+            vectors[s : s + len(rows)] = out.reshape(len(rows), n_vec, dim)
+            for r, e in enumerate(encoded):
+                truncated[s + r] = e.truncated
+                for g, count in zip(group_cols, e.caption_tokens, strict=True):
+                    tokens[s + r, col_index[g]] = count
+            n_tokens = sum(it.packed_length for it in items)
+            summary.tokens += n_tokens
+            bar.advance(len(rows), computed_rows=len(rows), tokens=n_tokens)
+        bar.advance(len(shard.keys) - len(kept))
+
+        bad = ~np.isfinite(vectors).all(axis=(1, 2))
+        if bad.any():
+            keys = [shard.keys[kept[i]] for i in np.flatnonzero(bad)[:10]]
+            raise EmbedError(
+                f"NaN/Inf in the vectors of {int(bad.sum())} caption(s) of shard {index} (keys {keys}); "
+                "the shard was not written. Try --compute-dtype float32, or check the model weights."
+            )
+        if recipe.normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=2, keepdims=True), 1e-12)
+
+        arrays = {"key": pa.array([shard.keys[i] for i in kept], pa.string())}
+        for c in self.schema.names:
+            if c in shard.columns:
+                arrays[c] = pa.array([shard.columns[c][i] for i in kept], pa.string())
+        for j, name in enumerate(recipe.vector_names):
+            for suffix, arr in encode_vectors(vectors[:, j], recipe.dtype).items():
+                arrays[name + suffix] = arr
+        for c, j in col_index.items():
+            arrays[TOKENS_PREFIX + c] = pa.array(tokens[:, j], pa.int32())
+        arrays["truncated"] = pa.array(truncated)
+        table = pa.Table.from_arrays([arrays[f.name] for f in self.schema], schema=self.schema)
+        skipped_table = pa.table(skipped, schema=SKIPPED_SCHEMA)
+        self.cache.write_shard(
+            index, table, skipped_table, shard.start, shard.start + len(shard.keys)
+        )
+        summary.rows += len(kept)
+        summary.truncated += int(truncated.sum())
+        summary.shards_written += 1

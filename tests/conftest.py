@@ -12,6 +12,13 @@ import torch
 # matmuls), and immune to a busy second core.
 torch.set_num_threads(1)
 
+
+def pytest_configure(config):
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,11 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """An untrained 4-layer Llama (weights random, tokenizer trained): right for engine math."""
-    import transformers
-
     from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
 
-    transformers.utils.logging.set_verbosity_error()
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_llm(
         out,
