@@ -211,6 +211,31 @@ def embed(
     console.print(t)
 
 
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Where every output of the demo goes.")] = Path(
+        "demo-out"
+    ),
+    n: Annotated[
+        int, typer.Option(min=100, max=1_000_000, help="Synthetic training samples.")
+    ] = 2000,
+    llm_steps: Annotated[
+        int | None, typer.Option(min=0, help="tiny-llm pre-training steps (default: its own).")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """The whole pipeline on synthetic data, on this machine: synth -> tiny-llm -> embed -> ...
+
+    Example: facetclip demo --out demo-out --overwrite
+    """
+    _quiet_libraries()
+    from eval.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, overwrite=overwrite), console)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

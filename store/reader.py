@@ -1,28 +1,48 @@
-"""Reading vectors back: one shard, or a whole cache shard by shard (bounded memory)."""
+"""Reading vectors back: one shard, a whole cache in bounded batches, or rows by key.
+
+Training streams the cache shard by shard and row group by row group (``iter_batches``), so
+memory is bounded by one row group whatever the cache size. ``KeyIndex`` finds any key's
+(shard, row) with 16 bytes per key (a sorted 64-bit key hash + shard + row), persisted next
+to the manifest and rebuilt when the manifest changes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.cache import Cache
+from store.cache import Cache, atomic_write_bytes
 from store.errors import CacheError
 from store.format import META_LAYOUT, SCALE_SUFFIX, decode_vectors
+
+INDEX_FILE = "key_index.npz"
 
 
 def shard_layout(path: str | Path) -> dict:
     """The vector layout stored in a shard's own key-value metadata."""
     try:
         meta = pq.read_schema(path).metadata or {}
-    except (OSError, pq.lib.ArrowException) as e:
+    except (OSError, pa.ArrowException) as e:
         raise CacheError(f"{path} is not a readable Parquet shard ({e})") from None
     if META_LAYOUT not in meta:
         raise CacheError(f"{path} is not a facetclip shard (no layout in its metadata)")
     return json.loads(meta[META_LAYOUT])
+
+
+def _columns(layout: dict, names: Sequence[str], where: str) -> list[str]:
+    unknown = [n for n in names if n not in layout["vector_names"]]
+    if unknown:
+        raise CacheError(f"{where} has no vector(s) {unknown}; it has {layout['vector_names']}")
+    columns = ["key", *names]
+    if layout["dtype"] == "int8":
+        columns += [n + SCALE_SUFFIX for n in names]
+    return columns
 
 
 def read_shard(
@@ -34,25 +54,153 @@ def read_shard(
     """
     layout = shard_layout(path)
     names = list(facets) if facets is not None else layout["vector_names"]
-    unknown = [n for n in names if n not in layout["vector_names"]]
-    if unknown:
-        raise CacheError(f"{path} has no vector(s) {unknown}; it has {layout['vector_names']}")
-    columns = ["key", *names]
-    if layout["dtype"] == "int8":
-        columns += [n + SCALE_SUFFIX for n in names]
     try:
-        table = pq.read_table(path, columns=columns)
-    except (OSError, pq.lib.ArrowException) as e:
+        table = pq.read_table(path, columns=_columns(layout, names, str(path)))
+    except (OSError, pa.ArrowException) as e:
         raise CacheError(f"cannot read {path} ({e}); run `facetclip verify` on its cache") from None
     keys = table.column("key").to_pylist()
     return keys, {n: decode_vectors(table, n, layout["dtype"]) for n in names}
+
+
+def _open(cache: Cache | str | Path) -> Cache:
+    return cache if isinstance(cache, Cache) else Cache.open(cache)
 
 
 def iter_cache(
     cache: Cache | str | Path, facets: Sequence[str] | None = None
 ) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
     """(keys, vectors by name) for each finished shard of a cache, in shard order."""
-    if not isinstance(cache, Cache):
-        cache = Cache.open(cache)
-    for path in cache.shard_paths:
+    for path in _open(cache).shard_paths:
         yield read_shard(path, facets)
+
+
+def iter_batches(
+    cache: Cache | str | Path, facets: Sequence[str] | None = None, batch_rows: int = 16384
+) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
+    """(keys, float32 vectors by name) in batches of at most ``batch_rows`` rows.
+
+    Memory stays bounded by one batch (Parquet is read batch by batch, only the asked-for
+    columns), whatever the size of a shard or the cache.
+    """
+    cache = _open(cache)
+    layout = cache.manifest.layout
+    names = list(facets) if facets is not None else layout["vector_names"]
+    columns = _columns(layout, names, str(cache.root))
+    for path in cache.shard_paths:
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+                table = pa.Table.from_batches([batch])
+                keys = table.column("key").to_pylist()
+                yield keys, {n: decode_vectors(table, n, layout["dtype"]) for n in names}
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(
+                f"cannot read {path} ({e}); run `facetclip verify {cache.root}`"
+            ) from None
+
+
+def key_hash(keys: Sequence[str]) -> np.ndarray:
+    """Stable 64-bit hashes of keys (blake2b; Python's hash() changes between processes)."""
+    return np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True
+            )
+            for k in keys
+        ),
+        dtype=np.int64,
+        count=len(keys),
+    )
+
+
+class KeyIndex:
+    """Key -> (shard position in the manifest, row) for a whole cache, 16 bytes per key."""
+
+    def __init__(self, cache: Cache, hashes: np.ndarray, shard: np.ndarray, row: np.ndarray):
+        self.cache = cache
+        self.hashes, self.shard, self.row = hashes, shard, row
+
+    @staticmethod
+    def _stamp(cache: Cache) -> str:
+        return hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest()
+
+    @classmethod
+    def load(cls, cache: Cache | str | Path) -> KeyIndex:
+        """The cache's index, rebuilt (and saved, when the cache is writable) if stale."""
+        cache = _open(cache)
+        path = cache.root / INDEX_FILE
+        stamp = cls._stamp(cache)
+        if path.is_file():
+            with np.load(path) as z:
+                if str(z["stamp"]) == stamp:
+                    return cls(cache, z["hashes"], z["shard"], z["row"])
+        hashes, shard, row = [], [], []
+        for i, p in enumerate(cache.shard_paths):
+            keys = pq.read_table(p, columns=["key"]).column("key").to_pylist()
+            hashes.append(key_hash(keys))
+            shard.append(np.full(len(keys), i, np.int32))
+            row.append(np.arange(len(keys), dtype=np.int32))
+        h = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
+        order = np.argsort(h, kind="stable")
+        index = cls(cache, h[order], np.concatenate(shard)[order] if shard else h[:0].astype(np.int32),
+                    np.concatenate(row)[order] if row else h[:0].astype(np.int32))  # fmt: skip
+        try:
+            import io
+
+            buf = io.BytesIO()
+            np.savez(
+                buf, hashes=index.hashes, shard=index.shard, row=index.row, stamp=np.array(stamp)
+            )
+            atomic_write_bytes(path, buf.getvalue())
+        except OSError:  # a read-only cache still gets an in-memory index
+            pass
+        return index
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def locate(self, keys: Sequence[str]) -> list[tuple[int, int] | None]:
+        """(shard position, row) of each key, or None where the cache has no such key."""
+        h = key_hash(keys)
+        lo = np.searchsorted(self.hashes, h, side="left")
+        hi = np.searchsorted(self.hashes, h, side="right")
+        out: list[tuple[int, int] | None] = []
+        shard_keys: dict[int, list[str]] = {}
+        for key, a, b in zip(keys, lo, hi, strict=True):
+            found = None
+            for j in range(a, b):  # several candidates only on a 64-bit hash collision
+                s, r = int(self.shard[j]), int(self.row[j])
+                if s not in shard_keys:
+                    shard_keys[s] = (
+                        pq.read_table(self.cache.shard_paths[s], columns=["key"])
+                        .column("key")
+                        .to_pylist()
+                    )
+                if shard_keys[s][r] == key:
+                    found = (s, r)
+                    break
+            out.append(found)
+        return out
+
+    def vectors(
+        self, keys: Sequence[str], facets: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """float32 vectors of ``keys`` (in that order) by name; CacheError names missing keys."""
+        where = self.locate(keys)
+        missing = [k for k, w in zip(keys, where, strict=True) if w is None]
+        if missing:
+            raise CacheError(f"{len(missing)} key(s) not in the cache, e.g. {missing[:5]}")
+        layout = self.cache.manifest.layout
+        names = list(facets) if facets is not None else layout["vector_names"]
+        out = {n: np.zeros((len(keys), layout["dim"]), np.float32) for n in names}
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for i, (s, r) in enumerate(where):
+            by_shard.setdefault(s, []).append((i, r))
+        for s, pairs in by_shard.items():
+            table = pq.read_table(
+                self.cache.shard_paths[s], columns=_columns(layout, names, "cache")
+            )
+            table = table.take(pa.array([r for _, r in pairs]))
+            pos = np.array([i for i, _ in pairs])
+            for n in names:
+                out[n][pos] = decode_vectors(table, n, layout["dtype"])
+        return out
