@@ -211,6 +211,146 @@ def embed(
     console.print(t)
 
 
+def _print_json(obj) -> None:
+    import json
+
+    print(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+@user_errors
+def inspect(
+    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    norm_sample_rows: Annotated[
+        int | None, typer.Option(min=1, help="Cap the rows used for vector statistics.")
+    ] = None,
+) -> None:
+    """Summary of a cache: rows, shards, sizes, recipe, facets with norm statistics, truncation, skips.
+
+    Example: facetclip inspect cache/flame
+    """
+    from store.inspect import inspect_cache, render_summary
+
+    summary = inspect_cache(cache, norm_sample_rows=norm_sample_rows)
+    if json_:
+        _print_json(summary.to_dict())
+    else:
+        console.print(render_summary(summary))
+
+
+@app.command()
+@user_errors
+def sql(
+    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    query: Annotated[
+        str | None, typer.Argument(help="One SELECT over the views `embeddings` and `skipped`.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="table | csv | json | parquet")] = "table",
+    output: Annotated[
+        Path | None, typer.Option(help="Write the result to FILE (csv, json or parquet).")
+    ] = None,
+    max_rows: Annotated[int, typer.Option(min=1, help="Rows shown in table format.")] = 50,
+    examples: Annotated[
+        bool, typer.Option("--examples", help="Print example queries for this cache.")
+    ] = False,
+) -> None:
+    """Query a cache with DuckDB: read-only, confined to the cache's own files.
+
+    The view `embeddings` has key, caption texts, one FLOAT[D] column per facet, token counts,
+    `truncated` and `shard`; `skipped` has key, input_row, reason.
+
+    Example: facetclip sql cache/flame "SELECT key, main_object FROM embeddings LIMIT 3"
+    """
+    from store.sql import example_queries, format_examples, run_query, write_result
+
+    if examples or query is None:
+        console.print(format_examples(example_queries(cache)), highlight=False)
+        return
+    write_result(
+        run_query(cache, query), format=format, output=output, console=console, max_rows=max_rows
+    )
+
+
+@app.command()
+@user_errors
+def verify(
+    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Drop bad shards from the manifest and delete stray files, so a rerun of embed recomputes them."
+        ),
+    ] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Check a cache: checksums, row counts, schema and recipe, NaN/Inf, duplicate keys, stray files.
+
+    Exits 0 when the cache is sound, 1 when a problem was found (each printed with its fix).
+
+    Example: facetclip verify cache/flame
+    """
+    from store.verify import render_report, verify_cache
+
+    report = verify_cache(cache, repair=repair)
+    if json_:
+        _print_json(report.to_dict())
+    else:
+        console.print(render_report(report))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+@user_errors
+def neighbors(
+    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    key: Annotated[str, typer.Argument(help="The key of the query caption.")],
+    facet: Annotated[
+        str | None, typer.Option(help="Vector to compare (default: the first).")
+    ] = None,
+    k: Annotated[
+        int, typer.Option("-k", "--k", min=0, max=10_000, help="How many neighbours.")
+    ] = 10,
+) -> None:
+    """Nearest captions to KEY by cosine on one facet, with their text.
+
+    Example: facetclip neighbors cache/flame 000000042 --facet main_object -k 5
+    """
+    from store.neighbors import neighbors as find
+
+    t = Table(title=f"neighbours of {key}" + (f" on {facet}" if facet else ""))
+    for col in ("rank", "key", "cosine", "text"):
+        t.add_column(col, overflow="fold" if col == "text" else "ellipsis")
+    for nb in find(cache, key, facet=facet, k=k):
+        t.add_row(str(nb.rank), nb.key, f"{nb.score:.4f}", (nb.text or "")[:200])
+    console.print(t)
+
+
+@app.command()
+@user_errors
+def export(
+    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    format: Annotated[
+        str, typer.Option("--format", help="npy (clip-retrieval / embedding-reader layout)")
+    ] = "npy",
+    facet: Annotated[list[str], typer.Option(help="Export only these vectors; repeatable.")] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option(help="Write into a non-empty OUT.")] = False,
+) -> None:
+    """Export a cache as .npy files per vector + metadata Parquet (clip-retrieval layout).
+
+    Example: facetclip export cache/flame exported --format npy --facet main_object
+    """
+    from store.export import EXPORT_FORMATS, export_npy
+
+    if format not in EXPORT_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
+    s = export_npy(cache, out, facets=facet or None, overwrite=overwrite)
+    console.print(
+        f"exported {s.rows:,} rows into {s.files} .npy files ({s.bytes / 1e6:.1f} MB) under [bold]{s.out}[/]"
+    )
+
+
 @app.command()
 @user_errors
 def demo(

@@ -68,6 +68,25 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write Parquet to a temp name, fsync, rename into place, fsync the folder."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Row groups of ~64 MB (at most 64k rows) bound the memory of a streaming reader: one
+    # FLAME row of a 5120-wide LLM is 112 KB, so a fixed row count would not. zstd is fast and
+    # shrinks text well (vectors barely compress, so it costs little).
+    row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    pq.write_table(
+        table,
+        tmp,
+        compression="zstd",
+        row_group_size=int(min(65536, max(1, (64 << 20) // row_bytes))),
+    )
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 @dataclass
 class ShardEntry:
     name: str
@@ -94,6 +113,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("the manifest is not a JSON object")
         d["shards"] = [ShardEntry(**s) for s in d.get("shards", [])]
         return cls(**d)
 
@@ -219,8 +240,8 @@ class Cache:
         }
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         path = self.root / SHARDS_DIR / name
-        self._write_parquet(table, path)
-        self._write_parquet(skipped.cast(SKIPPED_SCHEMA), self.root / SKIPPED_DIR / name)
+        write_parquet_atomic(table, path)
+        write_parquet_atomic(skipped.cast(SKIPPED_SCHEMA), self.root / SKIPPED_DIR / name)
         entry = ShardEntry(
             name=name,
             index=index,
@@ -236,17 +257,6 @@ class Cache:
         )
         self._save_manifest()
         return entry
-
-    @staticmethod
-    def _write_parquet(table: pa.Table, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        # Row groups of ~64k rows keep reads streaming; zstd is fast and shrinks text well
-        # (vectors barely compress, so this costs little).
-        pq.write_table(table, tmp, compression="zstd", row_group_size=65536)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
 
     # --- reading ----------------------------------------------------------------------
     @property
