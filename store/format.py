@@ -40,7 +40,7 @@ def dump_toml(d: dict) -> str:
         for k, v in t.items():
             if isinstance(v, dict) or isinstance(v, list) and v and isinstance(v[0], dict):
                 subtables.append((k, v))
-            elif isinstance(v, list):
+            elif isinstance(v, (list, tuple)):
                 lines.append(f"{k} = [{', '.join(scalar(x) for x in v)}]")
             else:
                 lines.append(f"{k} = {scalar(v)}")
