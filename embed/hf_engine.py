@@ -56,25 +56,45 @@ def load_decoder(path, n_layers: int, final_norm: bool, dtype: torch.dtype, devi
 class HFEngine:
     name = "hf"
 
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, model=None, pad_id: int | None = None):
+        """Load ``cfg.model`` from disk; or wrap an already built ``model`` (e.g. random
+        weights from a config for benchmarks) with ``pad_id`` — see ``from_model``."""
         self.cfg = cfg
-        info = inspect_model(cfg.model)
-        self.hidden_size = info.hidden_size
-        self.n_layers = check_layer(cfg.layer, info.num_layers)
         device = cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = _TORCH_DTYPES[cfg.dtype]
-        self.model = load_decoder(info.path, self.n_layers, cfg.final_norm, self.dtype, device)
-        from transformers import AutoTokenizer
+        if model is None:
+            info = inspect_model(cfg.model)
+            self.n_layers = check_layer(cfg.layer, info.num_layers)
+            model = load_decoder(info.path, self.n_layers, cfg.final_norm, self.dtype, device)
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(info.path)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            tok = AutoTokenizer.from_pretrained(info.path)
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        else:
+            self.n_layers = model.config.num_hidden_layers
+            model = model.to(self.device, self.dtype).eval()
+        self.model = model
+        self.hidden_size = int(model.config.hidden_size)
+        self.pad_id = 0 if pad_id is None else pad_id
         # Counters for reports and benchmarks: tokens that carry data vs tokens computed.
         self.real_tokens = 0
         self.computed_tokens = 0
         self.forward_seconds = 0.0
+
+    @classmethod
+    def from_model(cls, model, pad_id: int, cfg: EngineConfig) -> HFEngine:
+        """An engine over an in-memory base decoder (``AutoModel``), already truncated to the
+        wanted layer; ``cfg.model`` is only a label then."""
+        return cls(cfg, model=model, pad_id=pad_id)
+
+    def close(self) -> None:
+        """Free the model (the pipeline calls this when it is done)."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def embed(self, items: Sequence[PromptIds]) -> np.ndarray:
         if not items:

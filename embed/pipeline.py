@@ -275,6 +275,7 @@ def run_embed(
         total = cfg.limit if total is None else min(total, cfg.limit)
     bar = _Progress(total, progress)
     embedder = None
+    own_engine = engine is None
     try:
         for shard in _shards(source, recipe.columns, shard_rows, cfg.limit):
             index = shard.start // shard_rows
@@ -294,6 +295,8 @@ def run_embed(
             _maybe_fault(summary.shards_written)
     finally:
         bar.close()
+        if own_engine and engine is not None and hasattr(engine, "close"):
+            engine.close()  # frees the GPU (and vLLM's truncated-weights copy)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -1,0 +1,376 @@
+"""``make gpu-check`` / ``python -m tests.gpu_check``: the checks that need vLLM and a CUDA GPU.
+
+Without either it says which is missing and exits 0. With both:
+
+(a) **agreement** — the vllm engine (bf16) against the hf engine on the same synthetic
+    captions and an untrained small Llama it builds itself: min cosine against the hf
+    engine in fp32 (the definition) and in bf16; each must be >= 0.999.
+(b) **context reuse** — vLLM's own count of prompt tokens served by its prefix cache
+    (``PoolingRequestOutput.num_cached_tokens``) for flame-long, against the most an
+    unbounded cache could serve (whole blocks) and against "context once per caption".
+(c) **throughput** — captions/s and effective TFLOP/s of both engines for flame-long on a
+    Llama-3-8B-shaped model with random weights (vLLM: ``load_format="dummy"``; hf: the same
+    config initialised randomly on the GPU), bf16:
+
+        effective TFLOP/s = 2 x P x T / seconds / 1e12
+        P = decoder parameters (embedding and LM head excluded: neither does a matmul here)
+        T = useful tokens = sum over captions of (context + all facet tokens), the same T for
+            both engines (attention FLOPs are not counted)
+
+Exit status 1 when (a) or (b) fails. Sizes are flags; the defaults run in a few minutes:
+
+    python -m tests.gpu_check [--captions 64] [--bench-captions 1024] [--skip-bench] [--eager]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COSINE_TARGET = 0.999
+CACHE_TARGET = 0.9  # cached tokens >= 0.9 x what an unbounded prefix cache would serve
+AGREEMENT_CASES = (("flame-long", -1), ("flame-long", 2), ("llm2clip", -1))
+
+# Meta-Llama-3-8B's config.json (shape only; the weights are random).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+}
+
+
+def missing_requirements() -> list[str]:
+    missing = []
+    if importlib.util.find_spec("vllm") is None:
+        missing.append("vLLM is not installed (pip install -e '.[vllm]')")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU (torch.cuda.is_available() is False)")
+    return missing
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join("  " + line for line in lines)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def synth_rows(n: int, start: int = 0) -> list[dict]:
+    from eval.synth import iter_samples
+
+    return [
+        {"caption": s.caption, "short_caption": s.short_caption, "long_caption": s.long_caption}
+        for s in iter_samples(n, seed=0, start=start)
+    ]
+
+
+def encode(model_dir: Path, recipe_name: str, rows: list[dict]) -> list:
+    from transformers import AutoTokenizer
+
+    from embed.prompts import BUILTIN_RECIPES
+    from embed.tokenize import PromptTokenizer
+
+    recipe = BUILTIN_RECIPES[recipe_name]
+    tok = PromptTokenizer(AutoTokenizer.from_pretrained(model_dir), recipe)
+    encoded = tok.encode([[row[g.column] for g in recipe.groups] for row in rows])
+    return [it for e in encoded for it in e.items]
+
+
+def build_small_llm(out: Path) -> Path:
+    """Untrained 4-layer Llama, head size 64 (a size every vLLM attention kernel takes)."""
+    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+
+    cfg = TinyLLMConfig(
+        steps=0, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512, n_captions=400
+    )
+    build_tiny_llm(out, cfg, progress=False)
+    return out
+
+
+def free_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# --- (a) agreement and (b) context reuse --------------------------------------------------------
+
+
+def check_agreement(model: Path, rows: list[dict], eager: bool) -> tuple[bool, dict]:
+    from embed.engine import EngineConfig
+    from embed.hf_engine import HFEngine
+    from embed.prompts import BUILTIN_RECIPES
+    from embed.vllm_engine import VLLMEngine, expected_cached_tokens, facet_requests
+
+    ok = True
+    results, cache = [], {}
+    for recipe_name, layer in AGREEMENT_CASES:
+        pooling = BUILTIN_RECIPES[recipe_name].pooling
+        items = encode(model, recipe_name, rows)
+
+        def cfg(dtype, layer=layer, pooling=pooling, **kw):
+            return EngineConfig(str(model), pooling=pooling, layer=layer, dtype=dtype, **kw)
+
+        with VLLMEngine(cfg("bfloat16", gpu_memory_utilization=0.4), enforce_eager=eager) as v:
+            got = v.embed(items)
+            if recipe_name == "flame-long" and layer == -1:
+                requests = facet_requests(items)
+                cache = {
+                    "captions": len(items),
+                    "facets": len(items[0].facets),
+                    "block_size": v.block_size,
+                    "prompt": v.prompt_tokens,
+                    "cached": v.cached_tokens,
+                    "ideal": expected_cached_tokens(requests, v.block_size),
+                    "context_once": sum((len(it.facets) - 1) * len(it.context) for it in items),
+                    "packed": sum(it.packed_length for it in items),
+                }
+        free_cuda()
+        ref = HFEngine(cfg("float32", device="cuda")).embed(items)
+        hf16 = HFEngine(cfg("bfloat16", device="cuda")).embed(items)
+        free_cuda()
+        if got.shape == ref.shape:
+            c32, c16 = cosine(got, ref).min(), cosine(got, hf16).min()
+        else:  # a wrong shape fails the case without a crash
+            c32 = c16 = float("nan")
+        passed = c32 >= COSINE_TARGET and c16 >= COSINE_TARGET
+        ok &= bool(passed)
+        layer_name = "last" if layer == -1 else str(layer)
+        results.append(
+            [
+                recipe_name,
+                layer_name,
+                got.shape[0],
+                f"{c32:.6f}",
+                f"{c16:.6f}",
+                "PASS" if passed else "FAIL",
+            ]
+        )
+    print(f"(a) vllm (bf16) vs hf engine, {len(rows)} synthetic captions, untrained 4-layer Llama")
+    headers = [
+        "recipe",
+        "layer",
+        "vectors",
+        "min cos vs hf fp32",
+        "min cos vs hf bf16",
+        f">= {COSINE_TARGET}",
+    ]
+    print(table(headers, results), flush=True)
+    return ok, cache
+
+
+def report_cache(c: dict) -> bool:
+    def pct(n):
+        return f"{n:>9,}  ({100 * n / c['prompt']:.1f}% of prompt tokens)"
+
+    computed = c["prompt"] - c["cached"]
+    ok = c["cached"] >= CACHE_TARGET * c["ideal"] > 0
+    print(
+        f"\n(b) vLLM prefix cache, flame-long: {c['captions']} captions x {c['facets']} facet "
+        f"requests, block size {c['block_size']}\n"
+        f"  prompt tokens sent           {c['prompt']:>9,}\n"
+        f"  served from cache (vLLM)     {pct(c['cached'])}\n"
+        f"  most a cache could serve     {pct(c['ideal'])}   whole blocks, <= len - 1 per request\n"
+        f"  context once per caption     {pct(c['context_once'])}   (K - 1) x context tokens\n"
+        f"  tokens vLLM computed         {computed:>9,}  = {computed / c['packed']:.3f} x the hf "
+        f"engine's packed tokens (context once + facets)\n"
+        f"  reuse {'PASS' if ok else 'FAIL'}: cached >= {CACHE_TARGET} x most a cache could serve",
+        flush=True,
+    )
+    return ok
+
+
+# --- (c) throughput ---------------------------------------------------------------------------
+
+
+def write_llama3_8b(out: Path, tokenizer_dir: Path) -> Path:
+    """A model directory with Llama-3-8B's config and no weights, plus the small LM's tokenizer
+    (only ids matter; every id of it is < 128256)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(LLAMA3_8B, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+def decoder_params(c: dict) -> int:
+    """Parameters of the decoder layers and final norm of a Llama config."""
+    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return layers * per_layer + h
+
+
+def random_hf_engine(cfg, config_dir: Path):
+    """An HFEngine whose model is built from ``config_dir``'s config with random weights on the
+    GPU (no 16 GB checkpoint to write and read)."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from embed.hf_engine import _TORCH_DTYPES, HFEngine
+
+    torch.manual_seed(0)
+    with torch.device(cfg.device):
+        model = AutoModel.from_config(
+            AutoConfig.from_pretrained(config_dir), dtype=_TORCH_DTYPES[cfg.dtype]
+        )
+    tok = AutoTokenizer.from_pretrained(config_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    engine = HFEngine.from_model(model, pad_id, cfg)
+    return engine
+
+
+def timed(engine, items, warmup_items) -> tuple[float, int, int]:
+    """Seconds, useful tokens and computed tokens of ``engine.embed(items)`` after a warm-up on
+    other captions (so vLLM's prefix cache holds nothing of ``items``)."""
+    engine.embed(warmup_items)
+    torch.cuda.synchronize()
+    real0, computed0 = engine.real_tokens, engine.computed_tokens
+    t0 = time.perf_counter()
+    engine.embed(items)  # returns host arrays: the GPU work is done
+    seconds = time.perf_counter() - t0
+    return seconds, engine.real_tokens - real0, engine.computed_tokens - computed0
+
+
+def check_throughput(tmp: Path, tokenizer_dir: Path, args) -> None:
+    from embed.engine import EngineConfig
+    from embed.vllm_engine import VLLMEngine
+
+    model = write_llama3_8b(tmp / "llama3-8b-shape", tokenizer_dir)
+    items = encode(tokenizer_dir, "flame-long", synth_rows(args.bench_captions, start=100_000))
+    warmup = encode(tokenizer_dir, "flame-long", synth_rows(args.warmup_captions, start=200_000))
+    params = decoder_params(LLAMA3_8B)
+    n = len(items)
+    context = np.mean([len(it.context) for it in items])
+    facets = np.mean([sum(len(f) for f in it.facets) for it in items])
+    print(
+        f"\n(c) throughput, flame-long, {n} captions (mean context {context:.0f} tokens, "
+        f"7 facets {facets:.0f} tokens), Llama-3-8B shape, random weights, bf16\n"
+        f"  effective TFLOP/s = 2 x P x T / s / 1e12, P = {params / 1e9:.2f}e9 decoder parameters, "
+        f"T = useful tokens (context once + facets)",
+        flush=True,
+    )
+    rows = []
+    cfg = EngineConfig(
+        str(model), dtype="bfloat16", device="cuda", token_budget=args.hf_token_budget
+    )
+    hf = random_hf_engine(cfg, model)
+    rows.append(("hf", *timed(hf, items, warmup)))
+    del hf
+    free_cuda()
+    vcfg = EngineConfig(
+        str(model), dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization
+    )
+    with VLLMEngine(vcfg, load_format="dummy", enforce_eager=args.eager) as v:
+        rows.append(("vllm", *timed(v, items, warmup)))
+    out = []
+    for name, seconds, useful, computed in rows:
+        out.append(
+            [
+                name,
+                f"{seconds:.2f}",
+                f"{n / seconds:,.1f}",
+                f"{useful / seconds:,.0f}",
+                f"{computed / useful:.3f}",
+                f"{2 * params * useful / seconds / 1e12:,.1f}",
+            ]
+        )
+    headers = [
+        "engine",
+        "seconds",
+        "captions/s",
+        "useful tok/s",
+        "computed / useful",
+        "eff. TFLOP/s",
+    ]
+    print(table(headers, out))
+    print("  computed / useful: hf counts padding, vLLM counts what its prefix cache did not serve")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.gpu_check", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--captions", type=int, default=64, help="captions for (a) and (b)")
+    parser.add_argument("--bench-captions", type=int, default=1024, help="captions timed in (c)")
+    parser.add_argument(
+        "--warmup-captions", type=int, default=64, help="untimed captions before (c)"
+    )
+    parser.add_argument(
+        "--hf-token-budget", type=int, default=16384, help="hf engine tokens per pass"
+    )
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM, in (c)")
+    parser.add_argument("--skip-bench", action="store_true", help="skip (c)")
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="vLLM without torch.compile and CUDA graphs (faster start)",
+    )
+    args = parser.parse_args(argv)
+
+    missing = missing_requirements()
+    if missing:
+        print("gpu-check: skipped: " + "; ".join(missing) + ". Nothing to check on this machine.")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import transformers
+    import vllm
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    print(
+        f"gpu-check: {torch.cuda.get_device_name()}, vLLM {vllm.__version__}, torch {torch.__version__}\n"
+    )
+
+    with tempfile.TemporaryDirectory(prefix="facetclip-gpu-check-") as tmp:
+        tmp = Path(tmp)
+        model = build_small_llm(tmp / "small-llm")
+        agree, cache = check_agreement(model, synth_rows(args.captions), args.eager)
+        reuse = report_cache(cache)
+        if not args.skip_bench:
+            check_throughput(tmp, model, args)
+    ok = agree and reuse
+    print(f"\ngpu-check: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
