@@ -351,6 +351,95 @@ def export(
     )
 
 
+@app.command("train")
+@user_errors
+def train_cmd(
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Images: img2dataset output (tars, parquet, files) or a key+path table."),
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="The stage-one cache to train against.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Run directory (config, metrics, checkpoints, plots, model/)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A train.toml (see README); CLI options override it.")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this directory from its latest checkpoint."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=2, help="Global batch size.")] = None,
+    tower: Annotated[str | None, typer.Option(help="timm model name.")] = None,
+    loss: Annotated[str | None, typer.Option(help="mp-sigmoid | clip | siglip")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers.")] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(min=0, help="GPUs per worker (0: CPU).")
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster instead of starting one.")
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", help="Override any field: --set optim.warmup_steps=200; repeatable."),
+    ] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a vision tower + heads against a cache, on Ray (the LLM is never loaded).
+
+    Example: facetclip train --images data/synth/images --cache cache/flame --out runs/r1 --steps 300
+    """
+    from train.config import TrainConfig
+    from train.loop import train as run_training
+
+    if resume is not None:
+        cfg = TrainConfig(out=str(resume))
+    else:
+        cfg = TrainConfig.from_toml(config) if config else TrainConfig()
+        overrides = {
+            "images": images,
+            "cache": cache,
+            "out": out,
+            "steps": steps,
+            "batch_size": batch_size,
+            "loss": loss,
+        }
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, str(v) if isinstance(v, Path) else v)
+        if tower is not None:
+            cfg.model.tower = tower
+        if lr is not None:
+            cfg.optim.lr = lr
+        if workers is not None:
+            cfg.run.workers = workers
+        if gpus_per_worker is not None:
+            cfg.run.gpus_per_worker = gpus_per_worker
+        if ray_address is not None:
+            cfg.run.ray_address = ray_address
+        cfg = cfg.override(set_)
+        missing = [n for n in ("images", "cache", "out") if not getattr(cfg, n)]
+        if missing:
+            raise typer.BadParameter(
+                f"missing {', '.join('--' + m for m in missing)} (or set them in --config)"
+            )
+    r = run_training(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
+    t = Table(title=f"train -> {r.run}", show_header=False)
+    t.add_row("steps", str(r.steps))
+    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
+    t.add_row("images/s (last interval)", f"{r.images_per_s:,.0f}")
+    t.add_row("wall time", f"{r.seconds:.0f} s")
+    t.add_row("checkpoint", str(r.checkpoint))
+    t.add_row("exported model", str(r.model_dir))
+    console.print(t)
+
+
 @app.command()
 @user_errors
 def demo(

@@ -1,0 +1,126 @@
+"""The trained tower for inference, without Ray and without the LLM.
+
+```
+RUN/model/
+  model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text mean
+  tower.safetensors   the tower alone, a plain timm state dict (timm.create_model(...).load_state_dict)
+  config.json         model config, text_dim, image preprocessing, the cache's recipe and facets
+```
+
+```python
+from train.export import load
+m = load("runs/demo/model")
+img = m.encode_image([PIL.Image.open("cat.jpg")])      # [1, D] unit vectors
+txt = m.encode_text(cached_vectors)                    # cached LLM vectors -> [.., D]
+```
+Text queries go through the same recipe and engine as the cache (`facetclip embed`), then
+``encode_text``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from store.errors import InputError
+from train.checkpoint import load_checkpoint
+from train.config import TrainConfig
+from train.model import FacetCLIP, ModelConfig, build_model
+
+MODEL_DIR = "model"
+
+
+def export_model(run: Path, checkpoint: Path) -> Path:
+    """Write RUN/model/ from a checkpoint (atomically: a temp folder renamed into place)."""
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    cfg = TrainConfig.from_dict(state["config"])
+    model = build_model(cfg.model, state["text_dim"])
+    load_checkpoint(checkpoint, model)
+    recipe_path = Path(cfg.cache) / "recipe.toml"
+    recipe = tomllib.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    out = Path(run) / MODEL_DIR
+    tmp = out.with_name(".model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.tower.state_dict().items()}, tmp / "tower.safetensors"
+    )
+    meta = {
+        "model": asdict(cfg.model),
+        "text_dim": state["text_dim"],
+        "step": state["step"],
+        "image_size": cfg.data.image_size,
+        "image_mean": list(_image_norm()[0]),
+        "image_std": list(_image_norm()[1]),
+        "facets": cfg.facets,
+        "loss": cfg.loss,
+        "recipe": recipe,
+    }
+    (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _image_norm() -> tuple[tuple, tuple]:
+    from train.data import DataConfig
+
+    d = DataConfig(images=Path("."), cache=Path("."))
+    return tuple(d.mean), tuple(d.std)
+
+
+class TrainedModel:
+    """A loaded export: ``encode_image`` and ``encode_text`` on the CPU or a GPU."""
+
+    def __init__(self, model: FacetCLIP, meta: dict, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.meta = meta
+        self.device = torch.device(device)
+
+    @property
+    def facets(self) -> list[str]:
+        return self.meta["facets"]
+
+    @torch.no_grad()
+    def encode_image(self, images) -> np.ndarray:
+        """PIL images (resized and centre-cropped here) or a float tensor [B, 3, H, W] already
+        normalised -> [B, D] float32 unit vectors."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(self.preprocess(images))
+        return self.model.encode_image(images.to(self.device)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def encode_text(self, vectors) -> np.ndarray:
+        """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors."""
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
+        return self.model.encode_text(v).float().cpu().numpy()
+
+    def preprocess(self, images) -> np.ndarray:
+        """PIL images -> [B, 3, S, S] float32, the evaluation transform of training's data."""
+        from train.data import DataConfig, eval_transform
+
+        cfg = DataConfig(images=Path("."), cache=Path("."), image_size=self.meta["image_size"],
+                         mean=tuple(self.meta["image_mean"]), std=tuple(self.meta["image_std"]), train=False)  # fmt: skip
+        return np.stack([eval_transform(im, cfg) for im in images])
+
+
+def load(path: str | Path, device: str = "cpu") -> TrainedModel:
+    path = Path(path)
+    if (path / MODEL_DIR / "config.json").is_file():
+        path = path / MODEL_DIR  # a run directory
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"{path} is not an exported model (no config.json); train writes RUN/model/"
+        )
+    meta = json.loads((path / "config.json").read_text())
+    model = build_model(ModelConfig(**meta["model"]), meta["text_dim"])
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    return TrainedModel(model, meta, device)

@@ -1,0 +1,457 @@
+"""`facetclip train`: the Ray Train loop. Only the vision tower and small heads train; the LLM
+is never loaded — its vectors come from the cache.
+
+Driver: validate everything that can be validated without Ray (config, cache, loss vs facets,
+timm name, the image/cache key join), write RUN/config.toml, start (or join) Ray, run a
+``TorchTrainer`` over a Ray Data pipeline, show a progress bar, then plot the metrics and export
+RUN/model/. Workers: the training step below, top to bottom.
+
+Recovery: every worker (re)starts from RUN/checkpoints' newest complete checkpoint, so Ray's
+failure handling (``run.max_failures``) and ``facetclip train --resume RUN`` are the same path.
+Within an epoch the data order is a pure function of the seed, so a resumed run replays the
+batches it had consumed and continues with exactly the batch an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from store.errors import FacetclipError, InputError
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import TrainConfig
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+NAN_FILE = "nan.json"
+FAULT_MARKER = ".fault_injected"
+
+
+class TrainError(FacetclipError):
+    """Training stopped for a reason the user can act on (NaN loss, failed workers)."""
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    steps: int
+    final_loss: float | None
+    seconds: float
+    images_per_s: float
+    checkpoint: Path | None
+    model_dir: Path | None
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def prepare_run(
+    cfg: TrainConfig, resume: bool = False, overwrite: bool = False
+) -> tuple[TrainConfig, dict]:
+    """Every check that needs no Ray; returns the config to run and the facts workers need."""
+    from store.cache import Cache
+    from train.data import plan_join
+    from train.losses import validate_loss_config
+    from train.model import build_model
+
+    run = Path(cfg.out)
+    if resume:
+        if not (run / CONFIG_FILE).is_file():
+            raise InputError(f"{run} is not a run directory (no {CONFIG_FILE}); nothing to resume")
+        cfg = TrainConfig.from_toml(run / CONFIG_FILE)
+        cfg.out = str(run)
+    elif run.exists() and any(run.iterdir()):
+        if latest_checkpoint(run) is not None and not overwrite:
+            raise InputError(
+                f"{run} already holds a run; continue it with --resume {run}, or pass --overwrite"
+            )
+        if not overwrite:
+            raise InputError(
+                f"{run} exists and is not empty; choose another --out or pass --overwrite"
+            )
+    cfg.validate()
+
+    cache = Cache.open(cfg.cache)
+    layout = cache.manifest.layout
+    facets = cfg.facets or list(layout["vector_names"])
+    unknown = [f for f in facets if f not in layout["vector_names"]]
+    if unknown:
+        raise InputError(
+            f"facets {unknown} are not in the cache {cfg.cache}; it has {layout['vector_names']}"
+        )
+    cfg.facets = facets
+    validate_loss_config(cfg.loss, cfg.num_facets, len(facets), cfg.facet_mode)
+    build_model(cfg.model, layout["dim"])  # unknown timm name, bad head: fail here, not in a worker
+    plan = plan_join(_data_config(cfg, train=True))  # InputError when images and cache share no key
+
+    facts = {
+        "text_dim": layout["dim"],
+        "join": _as_dict(plan.stats),
+        "text_mean": None,
+        "plan": plan,
+    }
+    if cfg.model.center_text:
+        facts["text_mean"] = cache_mean(cfg.cache, facets).tolist()
+    run.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        import shutil
+
+        for name in (
+            "checkpoints",
+            "tb",
+            "plots",
+            "model",
+            METRICS_FILE,
+            NAN_FILE,
+            FAULT_MARKER,
+            "ray",
+        ):
+            p = run / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    (run / CONFIG_FILE).write_text(cfg.to_toml())
+    (run / "data_stats.json").write_text(
+        json.dumps({**facts["join"], "image_reads_per_row": plan.image_reads_per_row}, indent=1)
+    )
+    (run / NAN_FILE).unlink(missing_ok=True)
+    return cfg, facts
+
+
+def cache_mean(cache: str | Path, facets: list[str]) -> np.ndarray:
+    """Mean of the cached unit vectors over all rows and the given facets (for center_text)."""
+    from store.reader import iter_batches
+
+    total, n = None, 0
+    for _, vecs in iter_batches(cache, facets):
+        for v in vecs.values():
+            s = v.astype(np.float64).sum(axis=0)
+            total = s if total is None else total + s
+            n += len(v)
+    if not n:
+        raise InputError(f"cache {cache} has no rows")
+    return (total / n).astype(np.float32)
+
+
+def _as_dict(obj) -> dict:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else dict(obj)
+
+
+def _data_config(cfg: TrainConfig, train: bool):
+    from train.data import DataConfig
+
+    return DataConfig(
+        images=Path(cfg.images), cache=Path(cfg.cache), facets=cfg.facets or None,
+        image_size=cfg.data.image_size, crop_scale=tuple(cfg.data.crop_scale), seed=cfg.seed,
+        image_format=cfg.data.image_format, train=train,
+    )  # fmt: skip
+
+
+def init_ray(cfg: TrainConfig) -> None:
+    """Join ``run.ray_address``, or start a local Ray with more logical CPUs than the workers
+    take, so Ray Data's decode tasks are not starved behind the training workers."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, log_to_driver=False)
+        return
+    need = cfg.run.workers * cfg.run.cpus_per_worker
+    ray.init(num_cpus=max(4, need + 2), include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level="WARNING")  # fmt: skip
+
+
+def train(
+    cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> TrainResult:
+    """Run (or resume) a training run; returns when it is done and exported."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    cfg, facts = prepare_run(cfg, resume=resume, overwrite=overwrite)
+    run = Path(cfg.out).resolve()
+    init_ray(cfg)
+    # The join plan goes to the object store once; every worker builds its own slice of each
+    # epoch from it (train.data: a rank's rows and their order are a function of seed, epoch).
+    facts["plan"] = ray.put(facts["plan"])
+    use_gpu = cfg.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.run.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "run": str(run), **facts},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=str(run),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    bar = _ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; say what failed and what to do
+        raise TrainError(
+            f"training failed after {cfg.run.max_failures} restart(s): {type(e).__name__}: {str(e)[-800:]}\n"
+            f"Fix the cause, then continue with: facetclip train --resume {run}"
+        ) from None
+    finally:
+        bar.close()
+    nan = run / NAN_FILE
+    if nan.is_file():
+        info = json.loads(nan.read_text())
+        raise TrainError(
+            f"loss became {info['loss']} at step {info['step']}; training stopped. The last good checkpoint "
+            f"is {info['last_checkpoint']}. Try a lower optim.lr, more optim.warmup_steps, optim.grad_clip, "
+            f"or run.amp = false; then --resume {run}."
+        )
+    from train.export import export_model
+    from train.plots import plot_metrics
+
+    plot_metrics(run / METRICS_FILE, run / "plots")
+    ckpt = latest_checkpoint(run)
+    model_dir = export_model(run, ckpt) if ckpt else None
+    rows = [
+        json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if line.strip()
+    ]
+    last = rows[-1] if rows else {}
+    return TrainResult(
+        run=run, steps=int(last.get("step", 0)), final_loss=last.get("loss"),
+        seconds=time.perf_counter() - t0, images_per_s=float(last.get("images_per_s", 0.0)),
+        checkpoint=ckpt, model_dir=model_dir,
+    )  # fmt: skip
+
+
+class _ProgressTail:
+    """The driver's progress bar: rank 0 appends to metrics.jsonl, a thread here follows it."""
+
+    def __init__(self, path: Path, total: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.stop = threading.Event()
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
+        self.task = self.bar.add_task("train", total=total, info="starting Ray workers…")
+        self.bar.start()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        offset = 0
+        while not self.stop.wait(0.5):
+            if not self.path.is_file():
+                continue
+            with self.path.open() as f:
+                f.seek(offset)
+                lines = f.readlines()
+                offset = f.tell()
+            for line in lines:
+                if not line.endswith("\n"):
+                    offset -= len(line.encode())
+                    break
+                m = json.loads(line)
+                info = f"loss {m['loss']:.4f}  {m['images_per_s']:.0f} img/s  lr {m['lr']:.2e}"
+                self.bar.update(self.task, completed=m["step"], info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stop.set()
+            self.thread.join()
+            self.bar.stop()
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+def worker_loop(loop_cfg: dict) -> None:
+    """One Ray Train worker. Reads top to bottom: build, resume, then the training step."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from train.data import build_dataset, drop_invalid, torch_collate
+    from train.losses import compute_loss, select_facets
+    from train.model import build_model, lr_at
+
+    cfg = TrainConfig.from_dict(loop_cfg["config"])
+    run = Path(loop_cfg["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    model = build_model(cfg.model, loop_cfg["text_dim"])
+    if loop_cfg.get("text_mean") is not None:
+        model.set_text_mean(torch.tensor(loop_cfg["text_mean"]))
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+    model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
+    raw = getattr(model, "module", model)
+    optimizer = torch.optim.AdamW(
+        raw.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+    )
+    if ckpt is not None:
+        load_checkpoint(ckpt, raw, optimizer, device=device)
+    amp = cfg.run.amp and device.type == "cuda"
+    warmup = min(cfg.optim.warmup_steps, cfg.steps // 2)
+
+    log = _RankZeroLog(run, enabled=rank == 0, after_step=state["step"])
+    plan = ray.get(loop_cfg["plan"])
+    data_cfg = _data_config(cfg, train=True)
+    per_worker = cfg.batch_size // world
+    step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
+    t_last, images_since = time.perf_counter(), 0
+    invalid_total = state.get("invalid_images", 0)
+    while step < cfg.steps:
+        consumed = 0
+        # Every rank gets an equal, disjoint slice of the epoch, so all take the same steps.
+        dataset = build_dataset(data_cfg, epoch=epoch, rank=rank, world_size=world, plan=plan)
+        batches = dataset.iter_torch_batches(
+            batch_size=per_worker, drop_last=True, collate_fn=torch_collate(),
+            # rows of one cache row group arrive together: mix a few batches, reproducibly
+            local_shuffle_buffer_size=4 * per_worker, local_shuffle_seed=cfg.seed * 7919 + epoch,
+        )  # fmt: skip
+        for batch in batches:
+            consumed += 1
+            if consumed <= skip:  # resuming inside an epoch: replay the consumed batches
+                continue
+            batch, n_invalid = drop_invalid(batch)  # undecodable images: counted, never fatal
+            invalid_total += n_invalid
+            images = batch["image"].to(device)
+            vectors = batch["text"].to(device)
+
+            # 1. learning rate: warm-up then cosine
+            lr = lr_at(step, cfg.steps, warmup, cfg.optim.lr, cfg.optim.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # 2. which facets pair with each image this step: a pure function of (seed, step, rank)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+            text_in = select_facets(
+                vectors.cpu(), cfg.loss, cfg.facet_mode, cfg.num_facets, gen
+            ).to(device)
+            # 3. forward through DDP, loss over the global batch (all workers' features)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(images, text_in)
+            losses = compute_loss(cfg.loss, **out)
+            loss = losses["loss"]
+            # 4. a NaN/Inf loss stops the run on every worker (the loss is global, so all agree)
+            if not torch.isfinite(loss):
+                if rank == 0:
+                    last = latest_checkpoint(run)
+                    (run / NAN_FILE).write_text(
+                        json.dumps(
+                            {"step": step, "loss": float(loss), "last_checkpoint": str(last)}
+                        )
+                    )
+                return
+            # 5. backward, clip, step
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            images_since += per_worker * world
+
+            # 6. metrics, checkpoints, fault injection
+            if step % cfg.run.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                metrics = {
+                    "step": step, "epoch": epoch, "lr": lr,
+                    **{k: float(v) for k, v in losses.items()},
+                    "logit_scale": float(raw.logit_scale_value()),
+                    "logit_bias": float(raw.logit_bias) if raw.logit_bias is not None else None,
+                    "images_per_s": images_since / max(now - t_last, 1e-9),
+                    "invalid_images": invalid_total * world,
+                    **{f"skipped_{k}": v for k, v in loop_cfg["join"].items() if k not in ("image_keys", "cache_keys", "joined")},
+                }  # fmt: skip
+                t_last, images_since = now, 0
+                log.write(metrics)
+                ray.train.report(metrics)
+            if rank == 0 and (step % cfg.run.checkpoint_every == 0 or step == cfg.steps):
+                state = {"step": step, "epoch": epoch, "batch_in_epoch": consumed, "invalid_images": invalid_total,
+                         "text_dim": loop_cfg["text_dim"], "config": cfg.to_dict()}  # fmt: skip
+                save_checkpoint(run, raw, optimizer, state)
+            _maybe_fault(cfg, run, step, rank, world)
+            if step >= cfg.steps:
+                break
+        if consumed == 0:
+            raise TrainError(
+                f"the training data yielded no batch of {per_worker} rows per worker; lower batch_size"
+            )
+        if step < cfg.steps:
+            epoch, skip = epoch + 1, 0
+    log.close()
+
+
+def _maybe_fault(cfg: TrainConfig, run: Path, step: int, rank: int, world: int) -> None:
+    """Fault injection (tests): at run.fault_step the last worker SIGKILLs itself, once per run."""
+    if cfg.run.fault_step is None or step != cfg.run.fault_step or rank != world - 1:
+        return
+    marker = run / FAULT_MARKER
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _RankZeroLog:
+    """metrics.jsonl (appended, flushed per line) and TensorBoard, on rank 0 only."""
+
+    def __init__(self, run: Path, enabled: bool, after_step: int = 0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = run / METRICS_FILE
+        if path.is_file():  # a resumed run repeats the steps after its checkpoint: drop them
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= after_step
+            ]
+            path.write_text("".join(line + "\n" for line in keep))
+        self.jsonl = path.open("a")
+        self.tb = SummaryWriter(str(run / "tb"))
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
+                self.tb.add_scalar(k, v, metrics["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
