@@ -1,0 +1,200 @@
+"""Stage two end to end on the synthetic dataset: validation before Ray, resume, a killed
+worker, export without Ray. One local Ray session for the module (Ray on 2 cores: more
+logical CPUs than cores, or Ray Data starves behind the training workers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from embed.pipeline import EmbedConfig, run_embed
+from eval.synth import SynthConfig, write_synth
+from store.errors import InputError
+from train.checkpoint import latest_checkpoint, load_checkpoint
+from train.config import TrainConfig
+from train.loop import FAULT_MARKER, METRICS_FILE, TrainError, prepare_run, train
+from train.model import build_model
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("train")
+    synth = root / "synth"
+    write_synth(
+        synth,
+        SynthConfig(n=96, seed=1, image_size=32, n_retrieval=8, n_zeroshot_per_class=1),
+        progress=False,
+    )
+    cache = root / "cache"
+    run_embed(
+        EmbedConfig(synth / "captions.parquet", str(tiny_model), cache, recipe="flame-long"),
+        progress=False,
+    )
+    return synth, cache
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def config(data, out: Path, **kw) -> TrainConfig:
+    synth, cache = data
+    cfg = TrainConfig(
+        images=str(synth / "images"),
+        cache=str(cache),
+        out=str(out),
+        steps=4,
+        batch_size=16,
+        num_facets=3,
+    )
+    cfg.model.tower = "vit_tiny_patch16_224"
+    cfg.model.tower_kwargs = dict(TINY_VIT)
+    cfg.data.image_size = 32
+    cfg.optim.warmup_steps = 1
+    cfg.run.log_every = 1
+    cfg.run.checkpoint_every = 2
+    for k, v in kw.items():
+        section, _, name = k.rpartition("__")
+        setattr(getattr(cfg, section) if section else cfg, name, v)
+    return cfg
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run) / "model.safetensors")
+
+
+# --- checks before Ray ------------------------------------------------------------------------
+
+
+def test_config_file_round_trip_and_overrides(tmp_path):
+    cfg = TrainConfig(images="i", cache="c", out="o")
+    path = tmp_path / "train.toml"
+    path.write_text(cfg.to_toml())
+    again = TrainConfig.from_toml(path)
+    assert again == cfg
+    changed = again.override(
+        ["optim.lr=1e-3", "model.tower=resnet18", "run.workers=2", "facets=['a', 'b']"]
+    )
+    assert (changed.optim.lr, changed.model.tower, changed.run.workers, changed.facets) == (
+        1e-3,
+        "resnet18",
+        2,
+        ["a", "b"],
+    )
+    with pytest.raises(InputError, match="unknown field"):
+        cfg.override(["optim.lrr=1"])
+    with pytest.raises(InputError, match="unknown config field"):
+        TrainConfig.from_dict({"model": {"towr": "x"}})
+
+
+def test_bad_runs_are_refused_before_ray(data, tmp_path):
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.raises(InputError, match="did you mean|close matches|vit_tiny_patch16_224"):
+        prepare_run(config(data, tmp_path / "a", model__tower="vit_tiny_patch16_2244"))
+    with pytest.raises(InputError, match="samples 9 facets per image but the cache holds 7"):
+        prepare_run(config(data, tmp_path / "b", num_facets=9))
+    with pytest.raises(InputError, match="must divide evenly over 3 workers"):
+        prepare_run(config(data, tmp_path / "c", run__workers=3))
+    synth, _ = data
+    retrieval = synth / "eval" / "retrieval"  # held-out images: no key in the training cache
+    with pytest.raises(InputError, match="no key"):
+        prepare_run(config(data, tmp_path / "d", images=str(retrieval)))
+    assert not ray.is_initialized()
+
+
+# --- runs on Ray ------------------------------------------------------------------------------
+
+
+def test_resume_ends_with_the_same_weights(data, tmp_path, ray_session):
+    straight = tmp_path / "straight"
+    train(config(data, straight), progress=False)
+    broken = tmp_path / "broken"
+    # killed right after the checkpoint at step 2, with no restarts allowed: the run fails...
+    with pytest.raises(TrainError, match="--resume"):
+        train(config(data, broken, run__fault_step=2, run__max_failures=0), progress=False)
+    assert latest_checkpoint(broken).name == "step_0000002"
+    # ...and `--resume` continues it from that checkpoint.
+    result = train(TrainConfig(out=str(broken)), resume=True, progress=False)
+    assert result.steps == 4
+    a, b = weights(straight), weights(broken)
+    # Same data order (a function of seed and epoch), same facet samples (seed, step, rank),
+    # same arithmetic on one CPU thread: equal to float32 rounding.
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (broken / METRICS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # the steps after the checkpoint are not logged twice
+
+
+def test_a_killed_worker_is_restarted_from_its_checkpoint(data, tmp_path, ray_session):
+    run = tmp_path / "fault"
+    result = train(
+        config(data, run, run__workers=2, run__fault_step=3, run__max_failures=1), progress=False
+    )
+    assert (run / FAULT_MARKER).read_text() == "3"  # the last worker really died at step 3
+    assert result.steps == 4 and latest_checkpoint(run).name == "step_0000004"
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "plots/loss.png",
+        "plots/lr.png",
+        "model/model.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").iterdir())
+
+
+def test_export_loads_without_ray_and_matches_the_checkpoint(data, tmp_path, ray_session):
+    run = tmp_path / "export"
+    train(config(data, run), progress=False)
+    synth, _ = data
+    images = sorted((synth / "eval" / "retrieval" / "images").glob("*.jpg"))[:4]
+    # The reference: the checkpoint loaded into a fresh model, images through the same transform.
+    cfg = TrainConfig.from_toml(run / "config.toml")
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    model = build_model(cfg.model, state["text_dim"]).eval()
+    load_checkpoint(latest_checkpoint(run), model)
+    from PIL import Image
+
+    from train.export import load
+
+    exported = load(run)
+    pixels = torch.from_numpy(exported.preprocess([Image.open(p) for p in images]))
+    with torch.no_grad():
+        want = model.encode_image(pixels).numpy()
+    script = f"""
+import sys, numpy as np
+sys.modules["ray"] = None  # importing ray now fails: the export must not need it
+from PIL import Image
+from train.export import load
+m = load({str(run)!r})
+np.save({str(tmp_path / "feats.npy")!r}, m.encode_image([Image.open(p) for p in {[str(p) for p in images]!r}]))
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
+    np.testing.assert_allclose(np.load(tmp_path / "feats.npy"), want, atol=1e-5)
+    # the tower alone loads into the plain timm model
+    import timm
+
+    tower = timm.create_model(
+        cfg.model.tower, pretrained=False, num_classes=0, **cfg.model.tower_kwargs
+    )
+    tower.load_state_dict(load_file(run / "model" / "tower.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tower.forward_features(pixels), model.tower.forward_features(pixels)
+        )
