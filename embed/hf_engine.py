@@ -113,7 +113,11 @@ class HFEngine:
         t0 = time.perf_counter()
         packed = pack_batch(items, self.pad_id)
         seg = packed["segment_ids"].to(self.device)
-        mask = additive_mask(facet_allowed(seg), self.dtype)
+        allowed = facet_allowed(seg)
+        if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
+            mask = allowed[:, None]  # SDPA takes a boolean mask: a quarter of the memory
+        else:
+            mask = additive_mask(allowed, self.dtype)  # eager attention adds the mask
         out = self.model(
             input_ids=packed["input_ids"].to(self.device),
             position_ids=packed["position_ids"].to(self.device),
