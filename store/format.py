@@ -66,13 +66,19 @@ def shard_schema(
     for c in text_columns:
         fields.append(pa.field(c, pa.string()))
     for name in vector_names:
-        fields.append(pa.field(name, pa.list_(_ARROW[dtype], dim), nullable=False))
+        fields.append(pa.field(name, vector_type(dtype, dim), nullable=False))
         if dtype == "int8":
             fields.append(pa.field(name + SCALE_SUFFIX, pa.float32(), nullable=False))
     for c in token_columns:
         fields.append(pa.field(TOKENS_PREFIX + c, pa.int32(), nullable=False))
     fields.append(pa.field("truncated", pa.bool_(), nullable=False))
     return pa.schema(fields)
+
+
+def vector_type(dtype: str, dim: int) -> pa.DataType:
+    """A vector column's type: a fixed-size list of non-null values (no Parquet definition
+    levels per value to decode)."""
+    return pa.list_(pa.field("item", _ARROW[dtype], nullable=False), dim)
 
 
 def encode_vectors(v: np.ndarray, dtype: str) -> dict[str, pa.Array]:
@@ -85,22 +91,30 @@ def encode_vectors(v: np.ndarray, dtype: str) -> dict[str, pa.Array]:
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(v / scale[:, None]), -127, 127).astype(np.int8)
         return {
-            "": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), d),
+            "": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), type=vector_type("int8", d)),
             SCALE_SUFFIX: pa.array(scale.astype(np.float32)),
         }
     flat = v.astype(np.float16 if dtype == "float16" else np.float32).reshape(-1)
-    return {"": pa.FixedSizeListArray.from_arrays(pa.array(flat), d)}
+    return {"": pa.FixedSizeListArray.from_arrays(pa.array(flat), type=vector_type(dtype, d))}
 
 
 def decode_vectors(table: pa.Table, name: str, dtype: str) -> np.ndarray:
     """The column(s) of vector ``name`` -> [N, D] float32."""
-    col = table.column(name).combine_chunks()
+    col = table.column(name)
     d = col.type.list_size
-    values = col.flatten().to_numpy(zero_copy_only=False)
-    v = values.reshape(-1, d).astype(np.float32)
+    out = np.empty((table.num_rows, d), np.float32)
+    row = 0
+    for chunk in col.chunks:
+        # The values buffer of a non-null fixed-size list is the [rows x D] matrix itself:
+        # view it without a copy, convert once into the output.
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        n = len(chunk)
+        values = values[chunk.offset * d : (chunk.offset + n) * d] if len(values) != n * d else values
+        out[row : row + n] = values.reshape(n, d)
+        row += n
     if dtype == "int8":
-        v *= table.column(name + SCALE_SUFFIX).to_numpy()[:, None]
-    return v
+        out *= table.column(name + SCALE_SUFFIX).to_numpy()[:, None]
+    return out
 
 
 def layout_metadata(vector_names: list[str], dim: int, dtype: str, text_columns: list[str]) -> dict:

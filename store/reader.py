@@ -86,16 +86,55 @@ def iter_batches(
     layout = cache.manifest.layout
     names = list(facets) if facets is not None else layout["vector_names"]
     columns = _columns(layout, names, str(cache.root))
+    # Parquet decoding (Arrow, in C++) and the float32 conversion (numpy) both release the
+    # GIL: a reader thread decodes batch i + 1 while this thread converts batch i.
+    for table in _prefetch(_read_tables(cache, columns, batch_rows), depth=2):
+        keys = table.column("key").to_pylist()
+        yield keys, {n: decode_vectors(table, n, layout["dtype"]) for n in names}
+
+
+def _read_tables(cache: Cache, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
     for path in cache.shard_paths:
         try:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
-                table = pa.Table.from_batches([batch])
-                keys = table.column("key").to_pylist()
-                yield keys, {n: decode_vectors(table, n, layout["dtype"]) for n in names}
+                yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(
-                f"cannot read {path} ({e}); run `facetclip verify {cache.root}`"
-            ) from None
+            raise CacheError(f"cannot read {path} ({e}); run `facetclip verify {cache.root}`") from None
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run ``items`` in a background thread, at most ``depth`` ahead; re-raise its errors here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # a consumer that stops early lets the producer end
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def key_hash(keys: Sequence[str]) -> np.ndarray:

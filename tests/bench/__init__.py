@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 # name -> module; each module defines ``run(quick: bool) -> Report``. Imported only when run.
 BENCHMARKS: dict[str, str] = {
     "embed": "tests.bench.embed_bench",  # stage one: facet packing vs K separate sequences
+    "reader": "tests.bench.reader_bench",  # the cache read into float32 batches vs .npy files
 }
 
 
