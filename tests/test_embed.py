@@ -139,7 +139,7 @@ def test_mean_pooling_and_storage_dtypes(tmp_path, captions, tiny_model):
     embed(captions, tiny_model, ref, recipe="llm2clip", dtype="float32", limit=40)
     keys, v32 = read_shard(ref / "shards" / "part-00000.parquet")
     assert list(v32) == ["mean"] and v32["mean"].shape == (40, 64)
-    for dtype, tol in (("float16", 1e-3), ("int8", 1e-2)):
+    for dtype, tol in (("float16", 1e-6), ("int8", 1e-4)):  # the bounds README documents
         embed(captions, tiny_model, tmp_path / dtype, recipe="llm2clip", dtype=dtype, limit=40)
         k, v = read_shard(tmp_path / dtype / "shards" / "part-00000.parquet")
         assert k == keys
