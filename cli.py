@@ -440,6 +440,56 @@ def train_cmd(
     console.print(t)
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="A run directory made by `facetclip train`.")],
+    task: Annotated[str, typer.Option(help="zeroshot | retrieval")],
+    data: Annotated[Path, typer.Option(help="The evaluation data (see --layout).")],
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            help="imagefolder | karpathy | urban1k | dci | docci | xm3600 | table (default: imagefolder for zeroshot, table for retrieval)"
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Report name (default: the data folder's name).")
+    ] = None,
+    query: Annotated[
+        str,
+        typer.Option(
+            help="Retrieval text queries: facets (mean of facet vectors) | raw (one prompt)"
+        ),
+    ] = "facets",
+    caption_column: Annotated[
+        str, typer.Option(help="table layout: caption column.")
+    ] = "long_caption",
+    image_column: Annotated[str, typer.Option(help="table layout: image path column.")] = "image",
+    split: Annotated[str, typer.Option(help="karpathy/docci: split.")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="Engine for the text side: auto | hf | vllm")
+    ] = "auto",
+    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Zero-shot classification or image<->text retrieval of a trained tower; writes RUN/eval/.
+
+    Example: facetclip eval runs/r1 --task retrieval --data data/synth/eval/retrieval
+    """
+    _quiet_libraries()
+    from eval.evaluate import EvalConfig, evaluate, markdown
+
+    cfg = EvalConfig(run=run, task=task, data=data, layout=layout, name=name, query=query,
+                     caption_column=caption_column, image_column=image_column, split=split,
+                     limit=limit, engine=engine)  # fmt: skip
+    report = evaluate(cfg)
+    if json_:
+        _print_json(report.to_dict())
+        return
+    console.print(markdown(report), highlight=False)
+    console.print("files: " + ", ".join(str(f) for f in report.files))
+
+
 @app.command()
 @user_errors
 def demo(
@@ -447,22 +497,30 @@ def demo(
         "demo-out"
     ),
     n: Annotated[
-        int, typer.Option(min=100, max=1_000_000, help="Synthetic training samples.")
+        int, typer.Option(min=200, max=1_000_000, help="Synthetic training samples.")
     ] = 2000,
     llm_steps: Annotated[
         int | None, typer.Option(min=0, help="tiny-llm pre-training steps (default: its own).")
     ] = None,
+    steps: Annotated[int, typer.Option(min=10, help="Training steps per run.")] = 300,
+    workers: Annotated[int, typer.Option(min=1, max=8, help="Ray Train workers.")] = 2,
+    compare: Annotated[
+        bool, typer.Option(help="Also train on recipes prompteol and llm2clip and compare.")
+    ] = True,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
 ) -> None:
-    """The whole pipeline on synthetic data, on this machine: synth -> tiny-llm -> embed -> ...
+    """The whole pipeline on synthetic data, on this machine: synth -> tiny-llm -> embed ->
+    inspect -> train -> eval, and a comparison of recipes; writes OUT/REPORT.md.
 
     Example: facetclip demo --out demo-out --overwrite
     """
     _quiet_libraries()
     from eval.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, overwrite=overwrite), console)
+    cfg = DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, steps=steps, workers=workers,
+                     compare=compare, overwrite=overwrite)  # fmt: skip
+    run_demo(cfg, console)
 
 
 def main() -> None:  # pragma: no cover

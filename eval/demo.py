@@ -1,7 +1,10 @@
-"""`facetclip demo`: the pipeline on synthetic data, on this machine, with nothing downloaded.
+"""`facetclip demo`: the whole pipeline on synthetic data, on this machine, nothing downloaded.
 
-Today: synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> a look inside the
-cache. Training and evaluation join as stage two and eval land.
+synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> train (Ray,
+2 workers) -> eval (held-out retrieval; zero-shot on shapes, on colour+shape, and on colour+
+shape pairs never seen as a main object) -> a comparison of recipes flame / prompteol /
+llm2clip with the same tower and steps -> DEMO_OUT/REPORT.md with every figure beside its
+chance level and where every file is.
 """
 
 from __future__ import annotations
@@ -12,8 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from store.errors import InputError
+
+# A small ViT that trains in about a minute and a half on 2 CPU cores at 64 px.
+DEMO_TOWER = "vit_tiny_patch16_224"
+DEMO_TOWER_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4}
+COMPARE = ("flame", "prompteol", "llm2clip")
 
 
 @dataclass
@@ -22,7 +31,10 @@ class DemoConfig:
     n: int = 2000
     seed: int = 0
     llm_steps: int | None = None  # None: tiny-llm's default pre-training
-    recipe: str = "flame"
+    steps: int = 300
+    batch_size: int = 64
+    workers: int = 2
+    compare: bool = True
     overwrite: bool = False
 
 
@@ -31,12 +43,42 @@ class DemoReport:
     out: Path
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    results: dict[str, dict] = field(default_factory=dict)  # recipe -> eval name -> report
+
+
+def _train_config(cfg: DemoConfig, data: Path, cache: Path, run: Path, recipe: str):
+    from train.config import TrainConfig
+
+    t = TrainConfig(images=str(data / "images"), cache=str(cache), out=str(run), steps=cfg.steps,
+                    batch_size=cfg.batch_size, seed=cfg.seed)  # fmt: skip
+    if recipe == "flame":
+        t.loss, t.num_facets = "mp-sigmoid", 6
+    else:  # one vector per caption: multi-positive sigmoid with S = 1 is SigLIP
+        t.loss, t.num_facets = "siglip", 1
+    t.model.tower, t.model.tower_kwargs = DEMO_TOWER, dict(DEMO_TOWER_KWARGS)
+    t.model.center_text = True  # the small LM's vectors sit in a narrow cone (see inspect)
+    t.data.image_size = 64
+    t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay = 1e-3, 30, 0.05
+    t.run.workers, t.run.log_every, t.run.checkpoint_every = cfg.workers, 25, cfg.steps
+    return t
+
+
+EVALS = (
+    # (report name, task, data folder under data/eval)
+    ("retrieval", "retrieval", "retrieval"),
+    ("zeroshot_shape", "zeroshot", "zeroshot_shape"),
+    ("zeroshot_color_shape", "zeroshot", "zeroshot_color_shape"),
+    ("unseen", "zeroshot", "unseen"),
+)
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     from embed.pipeline import EmbedConfig, run_embed
     from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.evaluate import EvalConfig, evaluate
     from eval.synth import SynthConfig, write_synth
+    from store.inspect import inspect_cache, render_summary
+    from train.loop import train
 
     console = console or Console()
     out = Path(cfg.out)
@@ -45,17 +87,20 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
             raise InputError(f"{out} exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
     report = DemoReport(out)
-    data, model, cache = out / "data", out / "model", out / "cache" / cfg.recipe
+    data, model = out / "data", out / "model"
+    recipes = COMPARE if cfg.compare else ("flame",)
+    total = 5 + (len(recipes) - 1) * 3
 
-    def step(name: str, fn):
-        console.rule(f"[bold]{name}")
+    def step(i: int, name: str, fn):
+        console.rule(f"[bold]{i}/{total} {name}")
         t0 = time.perf_counter()
         result = fn()
         report.seconds[name] = time.perf_counter() - t0
         return result
 
     step(
-        "1/3 synth: synthetic long-caption dataset",
+        1,
+        "synth: synthetic long-caption dataset",
         lambda: write_synth(data, SynthConfig(n=cfg.n, seed=cfg.seed)),
     )
     report.paths["dataset"] = data
@@ -65,30 +110,94 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
         else TinyLLMConfig(steps=cfg.llm_steps, seed=cfg.seed)
     )
     llm = step(
-        "2/3 tiny-llm: pre-train a small LM on the synthetic language",
+        2,
+        "tiny-llm: pre-train a small LM on the synthetic language",
         lambda: build_tiny_llm(model, llm_cfg),
     )
     if llm.initial_loss is not None:
         console.print(f"pre-training loss {llm.initial_loss:.3f} -> {llm.final_loss:.3f}")
     report.paths["model"] = model
-    summary = step(
-        f"3/3 embed: recipe {cfg.recipe} -> cache",
-        lambda: run_embed(
-            EmbedConfig(
-                captions=data / "captions.parquet", model=str(model), out=cache, recipe=cfg.recipe
-            )
-        ),
-    )
-    console.print(
-        f"{summary.rows:,} captions embedded, {summary.captions_per_s:,.1f} captions/s, "
-        f"{summary.tokens_per_s:,.0f} tokens/s"
-    )
-    report.paths["cache"] = cache
 
-    console.rule("[bold]outputs")
-    for name, p in report.paths.items():
-        console.print(f"{name:>8}: {p}")
-    console.print(
-        "time: " + ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in report.seconds.items())
-    )
+    i = 2
+    for recipe in recipes:
+        cache, run = out / "cache" / recipe, out / "runs" / recipe
+        i += 1
+        s = step(i, f"embed: recipe {recipe}", lambda c=cache, r=recipe: run_embed(
+            EmbedConfig(captions=data / "captions.parquet", model=str(model), out=c, recipe=r), progress=True))  # fmt: skip
+        console.print(
+            f"{s.rows:,} captions, {s.captions_per_s:,.1f} captions/s, {s.tokens_per_s:,.0f} tokens/s"
+        )
+        if recipe == "flame":
+            console.print(render_summary(inspect_cache(cache)))
+        i += 1
+        step(i, f"train: {DEMO_TOWER} against the {recipe} cache ({cfg.steps} steps, {cfg.workers} Ray workers)",
+             lambda c=cache, r=run, rc=recipe: train(_train_config(cfg, data, c, r, rc), overwrite=True))  # fmt: skip
+        i += 1
+        evals = EVALS if recipe == "flame" else EVALS[:2]
+
+        def run_evals(r=run, ev=evals):
+            return {name: evaluate(EvalConfig(run=r, task=task, data=data / "eval" / folder, name=name))
+                    for name, task, folder in ev}  # fmt: skip
+
+        report.results[recipe] = step(i, f"eval: {recipe}", run_evals)
+        report.paths[f"cache ({recipe})"] = cache
+        report.paths[f"run ({recipe})"] = run
+        _print_results(console, recipe, report.results[recipe])
+
+    md = final_report(report, cfg)
+    (out / "REPORT.md").write_text(md)
+    report.paths["report"] = out / "REPORT.md"
+    console.rule("[bold]summary")
+    console.print(md, highlight=False)
     return report
+
+
+def _print_results(console: Console, recipe: str, results: dict) -> None:
+    t = Table(title=f"{recipe}: held-out results (chance in brackets)")
+    t.add_column("eval")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for name, r in results.items():
+        for k in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "top1", "top5"):
+            if k in r.metrics:
+                t.add_row(name, k, f"{r.metrics[k]:.3f} ({r.chance[k]:.3f})")
+    console.print(t)
+
+
+def final_report(report: DemoReport, cfg: DemoConfig) -> str:
+    flame = report.results.get("flame", {})
+    lines = ["# facetclip demo", ""]
+    lines += [
+        "## Held-out results (recipe flame)",
+        "",
+        "| eval | metric | value | chance | × chance |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in flame.items():
+        for k in ("i2t_R@1", "t2i_R@1", "i2t_R@5", "top1", "top5"):
+            if k in r.metrics:
+                v, c = r.metrics[k], r.chance[k]
+                lines.append(f"| {name} | {k} | {v:.3f} | {c:.3f} | {v / c:.1f} |")
+    if len(report.results) > 1:
+        lines += ["", "## Recipes compared (same tower, same steps)", "",
+                  "| recipe | vectors per caption | retrieval i2t R@1 | t2i R@1 | zero-shot shape top-1 |", "|---|---|---|---|---|"]  # fmt: skip
+        from store.cache import Cache
+
+        for recipe, results in report.results.items():
+            n_vec = len(Cache.open(report.out / "cache" / recipe).manifest.layout["vector_names"])
+            ret, zs = results["retrieval"].metrics, results["zeroshot_shape"].metrics
+            lines.append(
+                f"| {recipe} | {n_vec} | {ret['i2t_R@1']:.3f} | {ret['t2i_R@1']:.3f} | {zs['top1']:.3f} |"
+            )
+        ret_chance = flame["retrieval"].chance["i2t_R@1"] if flame else float("nan")
+        zs_chance = flame["zeroshot_shape"].chance["top1"] if flame else float("nan")
+        lines.append(f"| chance | | {ret_chance:.3f} | {ret_chance:.3f} | {zs_chance:.3f} |")
+    lines += ["", "## Where everything is", ""]
+    lines += [f"- {name}: `{path}`" for name, path in report.paths.items()]
+    lines += ["- per-eval reports and figures: `runs/<recipe>/eval/` (JSON, markdown, PNG)",
+              "- training curves: `runs/<recipe>/plots/`, TensorBoard: `runs/<recipe>/tb/`", ""]  # fmt: skip
+    lines += ["## Time", ""] + [
+        f"- {k.split(':')[0]}: {v:.0f} s" for k, v in report.seconds.items()
+    ]
+    lines.append(f"- total: {sum(report.seconds.values()):.0f} s")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,379 @@
+"""`facetclip eval RUN`: zero-shot classification and image<->text retrieval of a trained tower.
+
+Text goes through the run's own recipe and LLM (the cache's ``recipe.toml`` names the model),
+exactly as the training vectors did, then through the trained text head:
+
+- zero-shot: class names x templates in the single raw prompt (FLAME), averaged over templates;
+- retrieval: each caption's facet vectors averaged (FLAME's multi-facet query, ``query =
+  "facets"``), or the raw prompt (``query = "raw"``).
+
+Text embeddings are cached under RUN/eval/text/ keyed by recipe and texts, so a second eval
+of the same data is instant (``facetclip embed`` resumes a finished cache without loading the
+model). Reports: RUN/eval/<name>.json, <name>.md, and PNGs, each figure beside its chance level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from embed.prompts import CONTEXT_SUFFIX, RAW_FACETS, SHORT_PREFIX, PromptGroup, Recipe
+from store.errors import InputError
+
+TASKS = ("zeroshot", "retrieval")
+QUERIES = ("facets", "raw")
+# Class-name templates, kept few: each is one more prompt through the LLM per class.
+TEMPLATES = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image showing a {}.",
+    "a drawing of a {}.",
+)
+
+
+@dataclass
+class EvalConfig:
+    run: Path
+    task: str
+    data: Path
+    layout: str | None = None  # default: imagefolder (zeroshot) / table (retrieval)
+    name: str | None = None  # report name (default: the data folder's name)
+    query: str = "facets"
+    templates: tuple[str, ...] = TEMPLATES
+    caption_column: str = "long_caption"
+    image_column: str = "image"
+    split: str = "test"
+    limit: int | None = None
+    engine: str = "auto"
+    batch_size: int = 64
+    plots: bool = True
+
+
+@dataclass
+class EvalReport:
+    name: str
+    task: str
+    metrics: dict
+    chance: dict
+    counts: dict
+    files: list[Path] = field(default_factory=list)
+    # (image features, text features) of a retrieval eval, for the retrieved-images grid
+    features: tuple | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(replace(self, features=None))
+        d.pop("features")
+        d["files"] = [str(f) for f in self.files]
+        return d
+
+
+# --- text through the run's recipe and LLM -------------------------------------------------------
+
+
+def run_recipe(run: Path) -> Recipe:
+    """The recipe the run's training vectors were made with (from its cache)."""
+    from train.config import TrainConfig
+
+    cfg = TrainConfig.from_toml(Path(run) / "config.toml")
+    path = Path(cfg.cache) / "recipe.toml"
+    if not path.is_file():
+        raise InputError(
+            f"the run's cache {cfg.cache} is gone (no recipe.toml); eval needs its recipe and model"
+        )
+    return Recipe.from_dict(tomllib.loads(path.read_text()))
+
+
+def text_recipe(recipe: Recipe, trained_facets: list[str], query: str) -> tuple[Recipe, list[str]]:
+    """A one-group recipe over column ``text`` and the vector names to average.
+
+    ``facets``: the run's prompt group holding the most trained facets (FLAME: the 7 long
+    ones), averaged. ``raw``: the single raw prompt. A mean-pooled recipe has one vector.
+    """
+    base = replace(recipe, name=f"{recipe.name}-eval-{query}", dtype="float32")
+    if recipe.pooling == "mean":
+        group = PromptGroup(column="text", mean_name=recipe.groups[0].mean_name)
+        return replace(base, groups=(group,)), group.vector_names("mean")
+    if query == "raw":
+        group = PromptGroup(
+            column="text", prefix=SHORT_PREFIX, suffix=CONTEXT_SUFFIX, facets=dict(RAW_FACETS)
+        )
+        return replace(base, groups=(group,)), list(RAW_FACETS)
+    best = max(recipe.groups, key=lambda g: len(set(g.facets) & set(trained_facets)))
+    names = [n for n in best.facets if n in trained_facets] or list(best.facets)
+    group = PromptGroup(
+        column="text",
+        prefix=best.prefix,
+        suffix=best.suffix,
+        facets={n: best.facets[n] for n in names},
+    )
+    return replace(base, groups=(group,)), names
+
+
+def embed_texts(
+    run: Path, texts: list[str], recipe: Recipe, names: list[str], engine: str = "auto"
+) -> np.ndarray:
+    """[len(texts), D] float32: the mean over ``names`` of each text's vectors, cached."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embed.pipeline import EmbedConfig, run_embed
+    from store.reader import KeyIndex
+
+    digest = hashlib.sha256((recipe.to_toml() + "\0".join(texts)).encode()).hexdigest()[:16]
+    root = Path(run) / "eval" / "text" / digest
+    root.mkdir(parents=True, exist_ok=True)
+    captions = root / "texts.parquet"
+    keys = [f"t{i:08d}" for i in range(len(texts))]
+    if not captions.is_file():
+        pq.write_table(pa.table({"key": keys, "text": texts}), captions)
+    recipe_file = root / "recipe.toml"
+    recipe_file.write_text(replace(recipe, model="", model_fingerprint="").to_toml())
+    cfg = EmbedConfig(
+        captions=captions,
+        model=recipe.model,
+        out=root / "cache",
+        recipe=str(recipe_file),
+        engine=engine,
+    )
+    run_embed(cfg, progress=False)
+    vectors = KeyIndex.load(root / "cache").vectors(keys, names)
+    return np.mean([vectors[n] for n in names], axis=0)
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+
+def encode_images(model, paths: list[Path], batch_size: int) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for i in range(0, len(paths), batch_size):
+        images = []
+        for p in paths[i : i + batch_size]:
+            try:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            except OSError as e:
+                raise InputError(f"cannot read image {p}: {e}") from None
+        out.append(model.encode_image(images))
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+# --- the two tasks ---------------------------------------------------------------------------------
+
+
+def evaluate(cfg: EvalConfig) -> EvalReport:
+    from eval.benchmarks import ClassificationSet, RetrievalSet, load_benchmark
+    from train.export import load
+
+    if cfg.task not in TASKS:
+        raise InputError(f"--task must be one of {', '.join(TASKS)}")
+    if cfg.query not in QUERIES:
+        raise InputError(f"--query must be one of {', '.join(QUERIES)}")
+    run = Path(cfg.run)
+    model = load(run)
+    recipe = run_recipe(run)
+    layout = cfg.layout or ("imagefolder" if cfg.task == "zeroshot" else "table")
+    data = load_benchmark(layout, cfg.data, split=cfg.split, limit=cfg.limit,
+                          caption_column=cfg.caption_column, image_column=cfg.image_column)  # fmt: skip
+    name = cfg.name or Path(cfg.data).name
+    if cfg.task == "zeroshot":
+        if not isinstance(data, ClassificationSet):
+            raise InputError(
+                f"layout {layout!r} gives a retrieval set; zero-shot needs class folders (imagefolder)"
+            )
+        report = _zeroshot(cfg, model, recipe, data, name)
+    else:
+        if not isinstance(data, RetrievalSet):
+            raise InputError(
+                f"layout {layout!r} gives a classification set; retrieval needs image-caption pairs"
+            )
+        report = _retrieval(cfg, model, recipe, data, name)
+    return write_report(run, report, cfg.plots, data)
+
+
+def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalReport:
+    from eval.metrics import zero_shot_accuracy
+
+    # FLAME classifies with the single raw prompt; a mean-pooled recipe embeds the text itself.
+    r, names = text_recipe(recipe, model.facets, "raw")
+    texts = [t.format(c) for c in data.classes for t in cfg.templates]
+    vectors = embed_texts(cfg.run, texts, r, names, cfg.engine)
+    per_template = model.encode_text(vectors).reshape(len(data.classes), len(cfg.templates), -1)
+    classes = per_template.mean(axis=1)  # average over templates, then renormalise
+    classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+    images = encode_images(model, data.images, cfg.batch_size)
+    m = zero_shot_accuracy(images, classes, data.labels)
+    c = len(data.classes)
+    chance = {k: min(1.0, int(k[3:]) / c) for k in m if k.startswith("top")}
+    m["per_class_top1"] = {data.classes[i]: v for i, v in m["per_class_top1"].items()}
+    return EvalReport(name, "zeroshot", m, chance, {"images": len(data.images), "classes": c})
+
+
+def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalReport:
+    from eval.metrics import retrieval_recall
+
+    r, names = text_recipe(recipe, model.facets, cfg.query)
+    texts = model.encode_text(embed_texts(cfg.run, list(data.captions), r, names, cfg.engine))
+    images = encode_images(model, data.images, cfg.batch_size)
+    caption_image = np.asarray(data.caption_image)
+    ks = (1, 5, 10)
+    metrics: dict = retrieval_recall(images, texts, caption_image, ks)
+    n_img = len(data.images)
+    chance = {}
+    for k in ks:
+        chance[f"t2i_R@{k}"] = min(1.0, k / n_img)
+        per_image = len(caption_image) / n_img
+        chance[f"i2t_R@{k}"] = (
+            min(1.0, 1 - (1 - per_image / len(caption_image)) ** k)
+            if len(caption_image) > 1
+            else 1.0
+        )
+    if data.caption_language:
+        langs = np.asarray(data.caption_language)
+        per_lang = {}
+        for lang in sorted(set(langs)):
+            sel = langs == lang
+            used = sorted(set(caption_image[sel]))
+            remap = {old: new for new, old in enumerate(used)}
+            per_lang[lang] = retrieval_recall(
+                images[used], texts[sel], [remap[i] for i in caption_image[sel]], ks
+            )
+        metrics["per_language"] = per_lang
+        metrics["language_mean"] = {
+            k: float(np.mean([v[k] for v in per_lang.values()]))
+            for k in next(iter(per_lang.values()))
+        }
+    # curves for the plot
+    metrics["i2t_curve"] = [
+        retrieval_recall(images, texts, caption_image, (k,))[f"i2t_R@{k}"] for k in range(1, 11)
+    ]
+    metrics["t2i_curve"] = [
+        retrieval_recall(images, texts, caption_image, (k,))[f"t2i_R@{k}"] for k in range(1, 11)
+    ]
+    report = EvalReport(
+        name,
+        "retrieval",
+        metrics,
+        chance,
+        {"images": n_img, "captions": len(caption_image), "query": cfg.query},
+    )
+    report._features = (images, texts)  # for the retrieved-images grid
+    return report
+
+
+def chance_any_in_top_k(total: int, positives: int, k: int) -> float:
+    """P(at least one of ``positives`` among ``total`` candidates lands in a random top k)."""
+    miss = 1.0
+    for j in range(min(k, total)):
+        miss *= max(0, total - positives - j) / (total - j)
+    return 1.0 - miss
+
+
+# --- reports ---------------------------------------------------------------------------------------
+
+
+def markdown(report: EvalReport) -> str:
+    lines = [
+        f"### {report.name} ({report.task})",
+        "",
+        "| metric | value | chance |",
+        "|---|---|---|",
+    ]
+    for k, v in report.metrics.items():
+        if isinstance(v, float):
+            lines.append(f"| {k} | {v:.3f} | {report.chance.get(k, float('nan')):.3f} |")
+    if "language_mean" in report.metrics:
+        lines += ["", "| language | i2t R@1 | t2i R@1 |", "|---|---|---|"]
+        for lang, m in report.metrics["per_language"].items():
+            lines.append(f"| {lang} | {m['i2t_R@1']:.3f} | {m['t2i_R@1']:.3f} |")
+    lines += ["", ", ".join(f"{k}: {v}" for k, v in report.counts.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run: Path, report: EvalReport, plots: bool, data) -> EvalReport:
+    out = Path(run) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        report.files += _plots(out, report, data)
+    js, md = out / f"{report.name}.json", out / f"{report.name}.md"
+    report.files = [js, md, *report.files]
+    js.write_text(json.dumps(report.to_dict(), indent=1))
+    md.write_text(markdown(report))
+    return report
+
+
+def _plots(out: Path, report: EvalReport, data) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    if report.task == "retrieval":
+        ks = list(range(1, 11))
+        n_img = report.counts["images"]
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+        ax.plot(ks, report.metrics["i2t_curve"], marker="o", label="image→text")
+        ax.plot(ks, report.metrics["t2i_curve"], marker="o", label="text→image")
+        ax.plot(ks, [min(1, k / n_img) for k in ks], "k--", label="chance")
+        ax.set_xlabel("K")
+        ax.set_ylabel("recall@K")
+        ax.set_title(f"{report.name}: recall@K")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files.append(out / f"{report.name}_recall.png")
+        fig.savefig(files[-1])
+        plt.close(fig)
+        files.append(_grid(out, report, data, plt))
+    else:
+        per_class = report.metrics["per_class_top1"]
+        fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(per_class)), 3.5), dpi=100)
+        ax.bar(range(len(per_class)), list(per_class.values()))
+        ax.axhline(report.chance["top1"], color="k", linestyle="--", label="chance")
+        ax.set_xticks(range(len(per_class)), list(per_class), rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("top-1 accuracy")
+        ax.set_title(f"{report.name}: per-class accuracy (top-1 {report.metrics['top1']:.2f})")
+        ax.legend()
+        fig.tight_layout()
+        files.append(out / f"{report.name}_per_class.png")
+        fig.savefig(files[-1])
+        plt.close(fig)
+    return files
+
+
+def _grid(out: Path, report: EvalReport, data, plt) -> Path:
+    """The top-5 retrieved images for the first few text queries (the true image framed)."""
+    from PIL import Image
+
+    images, texts = report.features
+    queries = list(range(min(4, len(texts))))
+    fig, axes = plt.subplots(
+        len(queries), 6, figsize=(9, 1.8 * len(queries)), dpi=100, squeeze=False
+    )
+    for row, q in enumerate(queries):
+        order = np.argsort(-(images @ texts[q]), kind="stable")[:5]
+        axes[row][0].text(0, 0.5, data.captions[q][:90] + "…", wrap=True, fontsize=6, va="center")
+        axes[row][0].axis("off")
+        for col, i in enumerate(order, start=1):
+            ax = axes[row][col]
+            with Image.open(data.images[i]) as im:
+                ax.imshow(im.convert("RGB"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            hit = i == data.caption_image[q]
+            for s in ax.spines.values():
+                s.set_color("green" if hit else "lightgray")
+                s.set_linewidth(3 if hit else 1)
+    fig.suptitle(f"{report.name}: top-5 images per caption (green: the true image)", fontsize=8)
+    fig.tight_layout()
+    path = out / f"{report.name}_retrieved.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
