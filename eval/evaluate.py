@@ -225,15 +225,11 @@ def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalR
     ks = (1, 5, 10)
     metrics: dict = retrieval_recall(images, texts, caption_image, ks)
     n_img = len(data.images)
+    per_image = round(len(caption_image) / n_img)
     chance = {}
     for k in ks:
         chance[f"t2i_R@{k}"] = min(1.0, k / n_img)
-        per_image = len(caption_image) / n_img
-        chance[f"i2t_R@{k}"] = (
-            min(1.0, 1 - (1 - per_image / len(caption_image)) ** k)
-            if len(caption_image) > 1
-            else 1.0
-        )
+        chance[f"i2t_R@{k}"] = chance_any_in_top_k(len(caption_image), per_image, k)
     if data.caption_language:
         langs = np.asarray(data.caption_language)
         per_lang = {}
@@ -256,14 +252,8 @@ def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalR
     metrics["t2i_curve"] = [
         retrieval_recall(images, texts, caption_image, (k,))[f"t2i_R@{k}"] for k in range(1, 11)
     ]
-    report = EvalReport(
-        name,
-        "retrieval",
-        metrics,
-        chance,
-        {"images": n_img, "captions": len(caption_image), "query": cfg.query},
-    )
-    report._features = (images, texts)  # for the retrieved-images grid
+    counts = {"images": n_img, "captions": len(caption_image), "query": cfg.query}
+    report = EvalReport(name, "retrieval", metrics, chance, counts, features=(images, texts))
     return report
 
 
@@ -350,16 +340,18 @@ def _plots(out: Path, report: EvalReport, data) -> list[Path]:
 
 def _grid(out: Path, report: EvalReport, data, plt) -> Path:
     """The top-5 retrieved images for the first few text queries (the true image framed)."""
+    import textwrap
+
     from PIL import Image
 
     images, texts = report.features
     queries = list(range(min(4, len(texts))))
-    fig, axes = plt.subplots(
-        len(queries), 6, figsize=(9, 1.8 * len(queries)), dpi=100, squeeze=False
-    )
+    fig, axes = plt.subplots(len(queries), 6, figsize=(10, 1.9 * len(queries)), dpi=100, squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2, 1, 1, 1, 1, 1]})  # fmt: skip
     for row, q in enumerate(queries):
         order = np.argsort(-(images @ texts[q]), kind="stable")[:5]
-        axes[row][0].text(0, 0.5, data.captions[q][:90] + "…", wrap=True, fontsize=6, va="center")
+        caption = textwrap.fill(textwrap.shorten(data.captions[q], 160, placeholder=" …"), 42)
+        axes[row][0].text(0, 0.5, caption, fontsize=6, va="center")
         axes[row][0].axis("off")
         for col, i in enumerate(order, start=1):
             ax = axes[row][col]
@@ -372,7 +364,7 @@ def _grid(out: Path, report: EvalReport, data, plt) -> Path:
                 s.set_color("green" if hit else "lightgray")
                 s.set_linewidth(3 if hit else 1)
     fig.suptitle(f"{report.name}: top-5 images per caption (green: the true image)", fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.92, bottom=0.03, wspace=0.08)
     path = out / f"{report.name}_retrieved.png"
     fig.savefig(path)
     plt.close(fig)
