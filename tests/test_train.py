@@ -243,3 +243,40 @@ def test_short_training_lifts_held_out_retrieval_far_above_chance(
     chance = 1 / len(table)
     print(f"held-out image->text R@1 {recall['i2t_R@1']:.3f} (chance {chance:.3f})")
     assert recall["i2t_R@1"] >= 3 * chance and recall["t2i_R@1"] >= 3 * chance
+
+
+def test_eval_writes_reports_and_reuses_its_text_cache(data, tmp_path, ray_session):
+    from eval.evaluate import EvalConfig, evaluate
+    from eval.metrics import retrieval_recall
+
+    run = tmp_path / "evalrun"
+    train(config(data, run), progress=False)
+    synth, _ = data
+    cfg = EvalConfig(run=run, task="retrieval", data=synth / "eval" / "retrieval", name="ret")
+    first = evaluate(cfg)
+    assert {p.name for p in first.files} >= {
+        "ret.json",
+        "ret.md",
+        "ret_recall.png",
+        "ret_retrieved.png",
+    }
+    assert first.counts == {"images": 8, "captions": 8, "query": "facets"}
+    assert first.chance["t2i_R@1"] == pytest.approx(1 / 8)
+    images, texts = first.features
+    assert (
+        first.metrics["i2t_R@1"] == retrieval_recall(images, texts, np.arange(8), (1,))["i2t_R@1"]
+    )
+    caches = sorted((run / "eval" / "text").iterdir())
+    second = evaluate(cfg)  # the caption vectors come from the text cache: no new embedding
+    assert sorted((run / "eval" / "text").iterdir()) == caches
+    assert second.metrics == first.metrics
+    zs = evaluate(
+        EvalConfig(run=run, task="zeroshot", data=synth / "eval" / "zeroshot_shape", name="zs")
+    )
+    assert zs.counts["classes"] == 9 and zs.chance["top1"] == pytest.approx(1 / 9)
+    assert set(zs.metrics["per_class_top1"]) == set(
+        (synth / "eval" / "zeroshot_shape" / "classes.txt").read_text().split()
+    )
+    assert (
+        json.loads((run / "eval" / "zs.json").read_text())["metrics"]["top1"] == zs.metrics["top1"]
+    )
