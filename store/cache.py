@@ -79,7 +79,9 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     # int8 vectors keep the dictionary: Parquet stores int8 as 32-bit integers, and a
     # dictionary of at most 255 values packs them back to one byte each.
     vectors = {f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)}
-    int8 = {f.name for f in table.schema if f.name in vectors and pa.types.is_int8(f.type.value_type)}
+    int8 = {
+        f.name for f in table.schema if f.name in vectors and pa.types.is_int8(f.type.value_type)
+    }
     others = [f.name for f in table.schema if f.name not in vectors]
     pq.write_table(
         table,
@@ -133,15 +135,18 @@ class Manifest:
         return None
 
 
-def recipe_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two recipe dicts."""
+def recipe_diff(
+    old: dict, new: dict, labels: tuple[str, str] = ("cache has", "this run has"), prefix: str = ""
+) -> list[str]:
+    """Human-readable differences between two recipe dicts, one line per differing field:
+    ``layer: cache has -1, this run has 2``."""
     lines = []
     for k in sorted(set(old) | set(new), key=str):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            lines += recipe_diff(a, b, f"{prefix}{k}.")
+            lines += recipe_diff(a, b, labels, f"{prefix}{k}.")
         elif a != b:
-            lines.append(f"  {prefix}{k}: cache has {a!r}, this run has {b!r}")
+            lines.append(f"{prefix}{k}: {labels[0]} {a!r}, {labels[1]} {b!r}")
     return lines
 
 
@@ -192,7 +197,7 @@ class Cache:
             if diff:
                 raise CacheError(
                     f"{root} was made with another recipe; refusing to mix vectors. Differences:\n"
-                    + "\n".join(diff)
+                    + "\n".join("  " + line for line in diff)
                     + "\nUse another --out, or delete the cache to start over."
                 )
             if cache.manifest.layout != layout:

@@ -91,7 +91,9 @@ def encode_vectors(v: np.ndarray, dtype: str) -> dict[str, pa.Array]:
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(v / scale[:, None]), -127, 127).astype(np.int8)
         return {
-            "": pa.FixedSizeListArray.from_arrays(pa.array(q.reshape(-1)), type=vector_type("int8", d)),
+            "": pa.FixedSizeListArray.from_arrays(
+                pa.array(q.reshape(-1)), type=vector_type("int8", d)
+            ),
             SCALE_SUFFIX: pa.array(scale.astype(np.float32)),
         }
     flat = v.astype(np.float16 if dtype == "float16" else np.float32).reshape(-1)
@@ -109,7 +111,9 @@ def decode_vectors(table: pa.Table, name: str, dtype: str) -> np.ndarray:
         # view it without a copy, convert once into the output.
         values = chunk.values.to_numpy(zero_copy_only=False)
         n = len(chunk)
-        values = values[chunk.offset * d : (chunk.offset + n) * d] if len(values) != n * d else values
+        values = (
+            values[chunk.offset * d : (chunk.offset + n) * d] if len(values) != n * d else values
+        )
         out[row : row + n] = values.reshape(n, d)
         row += n
     if dtype == "int8":

@@ -99,7 +99,9 @@ def _read_tables(cache: Cache, columns: list[str], batch_rows: int) -> Iterator[
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"cannot read {path} ({e}); run `facetclip verify {cache.root}`") from None
+            raise CacheError(
+                f"cannot read {path} ({e}); run `facetclip verify {cache.root}`"
+            ) from None
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:

@@ -49,6 +49,7 @@ from store.cache import (
     Manifest,
     ShardEntry,
     atomic_write_bytes,
+    recipe_diff,
     sha256_file,
     shard_name,
     write_parquet_atomic,
@@ -347,17 +348,6 @@ def _check_file(
     return intact, recipe
 
 
-def _recipe_diff(want: dict, got: dict, prefix: str = "") -> list[str]:
-    lines = []
-    for k in sorted(set(want) | set(got), key=str):
-        a, b = want.get(k), got.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += _recipe_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            lines.append(f"{prefix}{k}: recipe.toml has {a!r}, the shard {b!r}")
-    return lines
-
-
 def _check_recipes(
     cache: Cache, recipes: dict[str, dict | None], problems: list[Problem], fix: str
 ) -> None:
@@ -369,7 +359,7 @@ def _check_recipes(
         return
 
     def diff(recipe: dict) -> str:
-        return "; ".join(_recipe_diff(cache.recipe, recipe)[:3])
+        return "; ".join(recipe_diff(cache.recipe, recipe, ("recipe.toml has", "the shard"))[:3])
 
     first = next(iter(foreign.values()))
     if len(foreign) == len(readable) and all(r == first for r in foreign.values()):
