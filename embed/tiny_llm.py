@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from embed.packing import additive_mask, facet_allowed, token_budget_batches
+from embed.packing import token_budget_batches
 from embed.prompts import (
     CONTEXT_SUFFIX,
     LONG_FACETS,
@@ -127,13 +127,19 @@ class TinyLLMConfig:
             300 <= self.vocab_size <= 100_000,
             f"vocab_size must be in 300..100000 (256 bytes + special tokens + merges), got {self.vocab_size}",
         )
-        need(1 <= self.n_captions <= 10_000_000, f"n_captions must be in 1..10000000, got {self.n_captions}")
+        need(
+            1 <= self.n_captions <= 10_000_000,
+            f"n_captions must be in 1..10000000, got {self.n_captions}",
+        )
         need(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
         need(
             256 <= self.batch_tokens <= 10_000_000,
             f"batch_tokens must be in 256..10000000, got {self.batch_tokens}",
         )
-        need(0 <= self.answer_weight <= 1000, f"answer_weight must be in 0..1000, got {self.answer_weight}")
+        need(
+            0 <= self.answer_weight <= 1000,
+            f"answer_weight must be in 0..1000, got {self.answer_weight}",
+        )
         need(0 <= self.probe_n <= 100_000, f"probe_n must be in 0..100000, got {self.probe_n}")
 
 
@@ -168,7 +174,9 @@ def _prompt_groups(sample) -> list[tuple[str, str, dict[str, str]]]:
 
 def _zero_shot_caption(sample, rng: random.Random) -> str:
     template = rng.choice(ZERO_SHOT_TEMPLATES)
-    return template.format(obj=sample.answers["main_object"], char=sample.answers["main_characteristic"])
+    return template.format(
+        obj=sample.answers["main_object"], char=sample.answers["main_characteristic"]
+    )
 
 
 def _tokenizer_texts(samples: Sequence) -> Iterable[str]:
@@ -176,7 +184,11 @@ def _tokenizer_texts(samples: Sequence) -> Iterable[str]:
     prompt_pieces = [LONG_PREFIX, SHORT_PREFIX, CONTEXT_SUFFIX, *LONG_FACETS.values()]
     templates = [t.replace("{obj}", "").replace("{char}", "") for t in ZERO_SHOT_TEMPLATES]
     for s in samples:
-        yield from (clean_caption(s.caption), clean_caption(s.short_caption), clean_caption(s.long_caption))
+        yield from (
+            clean_caption(s.caption),
+            clean_caption(s.short_caption),
+            clean_caption(s.long_caption),
+        )
         # Once per caption, like in training, so prompt words get merged into whole tokens.
         yield from prompt_pieces
         yield from templates
@@ -212,14 +224,17 @@ def train_tokenizer(samples: Sequence, vocab_size: int):
 
 @dataclass(frozen=True)
 class PackedItem:
-    """One training row part: a context, then facet segments behind the block mask.
+    """Token ids packed for one forward pass, with what every position is trained to predict.
 
-    ``target[i]`` is the token position i predicts in its own standalone sequence (IGNORE for
-    none) and ``weight[i]`` its loss weight; ``segment`` and ``position`` follow
-    ``embed.packing`` (0 = context, k = facet k; positions restart after the context).
+    ``segment`` and ``position`` follow ``embed.packing``: segment 0 is a context, k > 0 its
+    k-th facet, and positions restart after the context for every facet. ``item`` numbers the
+    prompts joined into one row (``join_items``); attention never crosses items. ``target[i]``
+    is the token position i predicts in its own standalone sequence (IGNORE for none) and
+    ``weight[i]`` that prediction's loss weight.
     """
 
     ids: tuple[int, ...]
+    item: tuple[int, ...]
     segment: tuple[int, ...]
     position: tuple[int, ...]
     target: tuple[int, ...]
@@ -252,7 +267,33 @@ def pack_prompt(
         tgt += segment[1:] + [IGNORE]
         wt += [1.0] * (len(facet) - 1) + [answer_weight] * len(answer) + [0.0]
     wt = [w if t != IGNORE else 0.0 for w, t in zip(wt, tgt, strict=True)]
-    return PackedItem(tuple(ids), tuple(seg), tuple(pos), tuple(tgt), tuple(wt))
+    return PackedItem(tuple(ids), (0,) * len(ids), tuple(seg), tuple(pos), tuple(tgt), tuple(wt))
+
+
+def join_items(items: Sequence[PackedItem]) -> PackedItem:
+    """Several prompts in one row, each attending only to itself (a block-diagonal mask)."""
+    return PackedItem(
+        ids=tuple(t for it in items for t in it.ids),
+        item=tuple(n for n, it in enumerate(items) for _ in it.ids),
+        segment=tuple(s for it in items for s in it.segment),
+        position=tuple(p for it in items for p in it.position),
+        target=tuple(t for it in items for t in it.target),
+        weight=tuple(w for it in items for w in it.weight),
+    )
+
+
+def attention_allowed(item: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, L, L]: query i may attend key j iff j <= i, both belong to the same prompt,
+    and j is in that prompt's context or in i's own facet (``embed.packing.facet_allowed``
+    with several prompts per row). Padding (segment -1) sees only itself, so no softmax row
+    is empty."""
+    length = segment.shape[-1]
+    idx = torch.arange(length)
+    causal = idx[None, :] <= idx[:, None]
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    same_item = item[:, :, None] == item[:, None, :]
+    allowed = causal & same_item & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0) & (q_seg >= 0)
+    return allowed | torch.eye(length, dtype=torch.bool)
 
 
 class _Encoder:
@@ -272,12 +313,17 @@ class _Encoder:
         return [self.bos] + self(prefix) + self(caption)[:MAX_CAPTION_TOKENS] + self(CONTEXT_SUFFIX)
 
 
-def training_items(samples: Sequence, enc: _Encoder, answer_weight: float, seed: int) -> list[PackedItem]:
-    """Per sample: the raw, short and long prompt groups with every facet answered, a
-    zero-shot class prompt answered with the main object, and one bare caption."""
+def training_rows(
+    samples: Sequence, enc: _Encoder, answer_weight: float, seed: int
+) -> list[PackedItem]:
+    """One row per sample, joining its prompts: the raw, short and long prompt groups with
+    every facet answered, a zero-shot class prompt answered with the main object, and one
+    bare caption. Keeping a sample's prompts together makes every batch a mix of all kinds
+    (batches of one kind only, e.g. all alt-texts, make the loss and the updates jumpy)."""
     rng = random.Random(seed)
-    items = []
+    rows = []
     for s in samples:
+        items = []
         for prefix, caption, facets in _prompt_groups(s):
             answers = [enc(s.answers[ANSWER_OF[name]] + '"') + [enc.eos] for name in facets]
             facet_ids = [enc(text) for text in facets.values()]
@@ -287,27 +333,34 @@ def training_items(samples: Sequence, enc: _Encoder, answer_weight: float, seed:
         items.append(pack_prompt(zs_context, [enc(RAW_FACETS["raw"])], obj, answer_weight))
         bare = rng.choice([s.caption, s.short_caption, s.long_caption])
         items.append(pack_prompt([enc.bos] + enc(bare)[:MAX_CAPTION_TOKENS] + [enc.eos]))
-    return items
+        rows.append(join_items(items))
+    return rows
 
 
-def collate(items: Sequence[PackedItem], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad items into [B, L] tensors plus the [B, 1, L, L] additive attention mask."""
-    length = max(len(it.ids) for it in items)
+def collate(rows: Sequence[PackedItem], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into [B, L] tensors plus the [B, 1, L, L] additive attention mask
+    (0 where ``attention_allowed``, the float minimum elsewhere), the custom-mask form every
+    transformers attention implementation accepts."""
+    length = max(len(r.ids) for r in rows)
     batch = {
-        "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
-        "segment": torch.full((len(items), length), -1, dtype=torch.long),
-        "position_ids": torch.zeros((len(items), length), dtype=torch.long),
-        "target": torch.full((len(items), length), IGNORE, dtype=torch.long),
-        "weight": torch.zeros((len(items), length)),
+        "input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
+        "item": torch.full((len(rows), length), -1, dtype=torch.long),
+        "segment": torch.full((len(rows), length), -1, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), length), dtype=torch.long),
+        "target": torch.full((len(rows), length), IGNORE, dtype=torch.long),
+        "weight": torch.zeros((len(rows), length)),
     }
-    for b, it in enumerate(items):
-        n = len(it.ids)
-        batch["input_ids"][b, :n] = torch.tensor(it.ids)
-        batch["segment"][b, :n] = torch.tensor(it.segment)
-        batch["position_ids"][b, :n] = torch.tensor(it.position)
-        batch["target"][b, :n] = torch.tensor(it.target)
-        batch["weight"][b, :n] = torch.tensor(it.weight)
-    batch["attention_mask"] = additive_mask(facet_allowed(batch["segment"]), torch.float32)
+    for b, r in enumerate(rows):
+        n = len(r.ids)
+        batch["input_ids"][b, :n] = torch.tensor(r.ids)
+        batch["item"][b, :n] = torch.tensor(r.item)
+        batch["segment"][b, :n] = torch.tensor(r.segment)
+        batch["position_ids"][b, :n] = torch.tensor(r.position)
+        batch["target"][b, :n] = torch.tensor(r.target)
+        batch["weight"][b, :n] = torch.tensor(r.weight)
+    allowed = attention_allowed(batch["item"], batch["segment"])
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    batch["attention_mask"] = mask[:, None]
     return batch
 
 
@@ -398,12 +451,21 @@ def build_tiny_llm(out: str | Path, cfg: TinyLLMConfig, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, tok)
     n_params = model.num_parameters()
-    console.print(f"tiny-llm: vocab {len(tok)}, {n_params / 1e6:.2f}M parameters, {cfg.steps} steps")
+    console.print(
+        f"tiny-llm: vocab {len(tok)}, {n_params / 1e6:.2f}M parameters, {cfg.steps} steps"
+    )
 
-    log: dict = {"config": asdict(cfg), "vocab_size": len(tok), "n_params": n_params, "steps": cfg.steps}
+    log: dict = {
+        "config": asdict(cfg),
+        "vocab_size": len(tok),
+        "n_params": n_params,
+        "steps": cfg.steps,
+    }
     initial_loss = final_loss = None
     if cfg.steps > 0 or cfg.probe_n > 0:
-        probe_samples = _synth_samples(cfg.probe_n, cfg.seed, start=cfg.n_captions + HELDOUT_CAPTIONS)
+        probe_samples = _synth_samples(
+            cfg.probe_n, cfg.seed, start=cfg.n_captions + HELDOUT_CAPTIONS
+        )
         if cfg.probe_n:
             log["probe_untrained"] = facet_probe(model, tok, probe_samples)
     if cfg.steps > 0:
@@ -413,7 +475,9 @@ def build_tiny_llm(out: str | Path, cfg: TinyLLMConfig, progress: bool = True) -
         if cfg.probe_n:
             log["probe_trained"] = facet_probe(model, tok, probe_samples)
     if cfg.probe_n:
-        console.print(f"tiny-llm: facet probe (nearest centroid) {log.get('probe_trained', log['probe_untrained'])}")
+        console.print(
+            f"tiny-llm: facet probe (nearest centroid) {log.get('probe_trained', log['probe_untrained'])}"
+        )
     log["initial_loss"], log["final_loss"] = initial_loss, final_loss
 
     out.mkdir(parents=True, exist_ok=True)
@@ -438,8 +502,8 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
     )
 
     enc = _Encoder(tok)
-    items = training_items(samples, enc, cfg.answer_weight, cfg.seed)
-    heldout = training_items(
+    rows = training_rows(samples, enc, cfg.answer_weight, cfg.seed)
+    heldout = training_rows(
         _synth_samples(HELDOUT_CAPTIONS, cfg.seed, start=cfg.n_captions), enc, 2.0, cfg.seed + 1
     )
     heldout_batches = [
@@ -447,7 +511,7 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
         for b in token_budget_batches([len(it.ids) for it in heldout], cfg.batch_tokens)
     ]
     # Length bucketing keeps padding small; the order of the buckets is shuffled every epoch.
-    buckets = token_budget_batches([len(it.ids) for it in items], cfg.batch_tokens)
+    buckets = token_budget_batches([len(r.ids) for r in rows], cfg.batch_tokens)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -458,7 +522,9 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
         betas=(0.9, 0.95),
     )
     initial, initial_answer = heldout_loss(model, heldout_batches)
-    console.print(f"tiny-llm: initial held-out loss {initial:.3f} (answer tokens {initial_answer:.3f})")
+    console.print(
+        f"tiny-llm: initial held-out loss {initial:.3f} (answer tokens {initial_answer:.3f})"
+    )
 
     t0 = time.perf_counter()
     curve: list[tuple[int, float]] = []
@@ -477,7 +543,7 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
         for step in range(cfg.steps):
             if not order:
                 order = torch.randperm(len(buckets), generator=gen).tolist()
-            batch = collate([items[i] for i in buckets[order.pop()]], tok.pad_token_id)
+            batch = collate([rows[i] for i in buckets[order.pop()]], tok.pad_token_id)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.steps, cfg.lr)
             ce = token_losses(model, batch)
@@ -500,7 +566,7 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
         "initial_answer_loss": round(initial_answer, 4),
         "final_answer_loss": round(final_answer, 4),
         "train_seconds": round(seconds, 2),
-        "train_items": len(items),
+        "train_rows": len(rows),
         "loss_curve": curve,
     }
 
@@ -514,7 +580,10 @@ def facet_vectors(model, tok, samples: Sequence, facets: Sequence[str]) -> torch
     ``BOS + LONG_PREFIX + long caption + CONTEXT_SUFFIX + facet`` for every sample."""
     enc = _Encoder(tok)
     facet_ids = [enc(LONG_FACETS[f]) for f in facets]
-    items = [pack_prompt(enc.context(LONG_PREFIX, clean_caption(s.long_caption)), facet_ids) for s in samples]
+    items = [
+        pack_prompt(enc.context(LONG_PREFIX, clean_caption(s.long_caption)), facet_ids)
+        for s in samples
+    ]
     model.eval()
     vectors = torch.zeros(len(facets), len(samples), model.config.hidden_size)
     for bucket in token_budget_batches([len(it.ids) for it in items], 8192):
@@ -543,7 +612,10 @@ def nearest_centroid_accuracy(vectors: torch.Tensor, labels: Sequence[str]) -> f
     x = F.normalize(vectors - mean, dim=-1)
     classes = sorted(set(labels[:half]))
     centroids = torch.stack(
-        [F.normalize(x[:half][[lab == c for lab in labels[:half]]].mean(0), dim=-1) for c in classes]
+        [
+            F.normalize(x[:half][[lab == c for lab in labels[:half]]].mean(0), dim=-1)
+            for c in classes
+        ]
     )
     predicted = (x[half:] @ centroids.T).argmax(-1).tolist()
     return sum(classes[p] == lab for p, lab in zip(predicted, labels[half:], strict=True)) / max(
@@ -551,7 +623,9 @@ def nearest_centroid_accuracy(vectors: torch.Tensor, labels: Sequence[str]) -> f
     )
 
 
-def facet_probe(model, tok, samples: Sequence, facets: Sequence[str] = PROBE_FACETS) -> dict[str, float]:
+def facet_probe(
+    model, tok, samples: Sequence, facets: Sequence[str] = PROBE_FACETS
+) -> dict[str, float]:
     """Nearest-centroid accuracy of each facet's vectors at predicting that facet's answer."""
     vectors = facet_vectors(model, tok, samples, facets)
     return {

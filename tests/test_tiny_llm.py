@@ -146,33 +146,38 @@ def test_pack_prompt_targets_and_answer_weights():
     """Each facet predicts its own next tokens; answers (and only answers) carry the weight."""
     item = pack_prompt([1, 10, 11], [[20, 21], [30]], [[40, 2], [50, 2]], answer_weight=5.0)
     assert item.ids == (1, 10, 11, 20, 21, 40, 2, 30, 50, 2)
+    assert item.item == (0,) * 10
     assert item.segment == (0, 0, 0, 1, 1, 1, 1, 2, 2, 2)
     assert item.position == (0, 1, 2, 3, 4, 5, 6, 3, 4, 5)
     assert item.target == (10, 11, 20, 21, 40, 2, IGNORE, 50, 2, IGNORE)
     assert item.weight == (1.0, 1.0, 1.0, 1.0, 5.0, 5.0, 0.0, 5.0, 5.0, 0.0)
 
 
-def test_packed_facets_match_standalone_sequences(tiny_dirs, offline):
-    """Training and the probe pack facets behind a block mask; each facet must still see
-    exactly its standalone sequence ``context + facet`` (DESIGN.md's definition)."""
+def test_packed_rows_match_standalone_sequences(tiny_dirs, offline):
+    """Training and the probe pack several prompts per row and facets behind a block mask;
+    every facet must still see exactly its standalone sequence ``context + facet``
+    (DESIGN.md's definition), whatever shares its row or batch."""
     from transformers import AutoModelForCausalLM
 
-    from embed.tiny_llm import collate
+    from embed.tiny_llm import collate, join_items
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[0] / "trained").eval()
     context, facets = [1, 40, 41, 42, 43], [[50, 51], [60, 61, 62], [70]]
-    short = pack_prompt([1, 44], [[52]])
-    batch = collate([pack_prompt(context, facets), short], pad_id=0)
+    row = join_items([pack_prompt([1, 44], [[52]]), pack_prompt(context, facets)])
+    batch = collate([row, pack_prompt([1, 45, 46])], pad_id=0)
     with torch.no_grad():
         packed = model.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
         ).last_hidden_state
-        end = len(context)
+
+        def alone(ids):
+            return model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+
+        torch.testing.assert_close(packed[0, 2], alone([1, 44, 52]), rtol=1e-5, atol=1e-5)
+        end = 3 + len(context)
         for facet in facets:
             end += len(facet)
-            alone = model.model(input_ids=torch.tensor([context + facet])).last_hidden_state[0, -1]
-            torch.testing.assert_close(packed[0, end - 1], alone, rtol=1e-5, atol=1e-5)
-        alone = model.model(input_ids=torch.tensor([[1, 44, 52]])).last_hidden_state[0, -1]
-        torch.testing.assert_close(packed[1, 2], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed[0, end - 1], alone(context + facet), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed[1, 2], alone([1, 45, 46]), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@
 RUN/model/
   model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text mean
   tower.safetensors   the tower alone, a plain timm state dict (timm.create_model(...).load_state_dict)
+  facet_means.safetensors   with center_text: each trained facet's mean cached vector [K, D]
   config.json         model config, text_dim, image preprocessing, the cache's recipe and facets
 ```
 
@@ -80,10 +81,17 @@ def _image_norm() -> tuple[tuple, tuple]:
 class TrainedModel:
     """A loaded export: ``encode_image`` and ``encode_text`` on the CPU or a GPU."""
 
-    def __init__(self, model: FacetCLIP, meta: dict, device: str = "cpu"):
+    def __init__(
+        self,
+        model: FacetCLIP,
+        meta: dict,
+        device: str = "cpu",
+        facet_means: np.ndarray | None = None,
+    ):
         self.model = model.to(device).eval()
         self.meta = meta
         self.device = torch.device(device)
+        self.facet_means = facet_means  # [K, D] in ``facets`` order, or None
 
     @property
     def facets(self) -> list[str]:
@@ -98,9 +106,17 @@ class TrainedModel:
         return self.model.encode_image(images.to(self.device)).float().cpu().numpy()
 
     @torch.no_grad()
-    def encode_text(self, vectors) -> np.ndarray:
-        """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors."""
-        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
+    def encode_text(self, vectors, facets: list[str] | None = None) -> np.ndarray:
+        """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors.
+
+        ``facets``: which facet(s) the vectors are (or are the mean of), so a center_text model
+        subtracts the same offset training did; default: the mean of all trained facets.
+        """
+        v = np.asarray(vectors, dtype=np.float32)
+        if self.facet_means is not None:
+            known = [self.facets.index(f) for f in (facets or []) if f in self.facets]
+            v = v - self.facet_means[known or slice(None)].mean(axis=0)
+        v = torch.as_tensor(v, device=self.device)
         return self.model.encode_text(v).float().cpu().numpy()
 
     def preprocess(self, images) -> np.ndarray:
@@ -123,4 +139,6 @@ def load(path: str | Path, device: str = "cpu") -> TrainedModel:
     meta = json.loads((path / "config.json").read_text())
     model = build_model(ModelConfig(**meta["model"]), meta["text_dim"])
     model.load_state_dict(load_file(path / "model.safetensors"))
-    return TrainedModel(model, meta, device)
+    means = path / "facet_means.safetensors"
+    facet_means = load_file(means)["means"].numpy() if means.is_file() else None
+    return TrainedModel(model, meta, device, facet_means)

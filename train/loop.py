@@ -95,11 +95,11 @@ def prepare_run(
     facts = {
         "text_dim": layout["dim"],
         "join": _as_dict(plan.stats),
-        "text_mean": None,
+        "facet_means": None,
         "plan": plan,
     }
     if cfg.model.center_text:
-        facts["text_mean"] = cache_mean(cfg.cache, facets).tolist()
+        facts["facet_means"] = facet_means(cfg.cache, facets).tolist()
     run.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
         import shutil
@@ -124,16 +124,20 @@ def prepare_run(
     return cfg, facts
 
 
-def cache_mean(cache: str | Path, facets: list[str]) -> np.ndarray:
-    """Mean of the cached unit vectors over all rows and the given facets (for center_text)."""
+def facet_means(cache: str | Path, facets: list[str]) -> np.ndarray:
+    """[K, D]: the mean of each facet's cached unit vectors over all rows (for center_text).
+
+    LLM hidden states are anisotropic and each facet prompt has its own cone: subtracting one
+    facet's mean from its vectors leaves what distinguishes the captions on that facet.
+    """
     from store.reader import iter_batches
 
-    total, n = None, 0
+    total = None
+    n = 0
     for _, vecs in iter_batches(cache, facets):
-        for v in vecs.values():
-            s = v.astype(np.float64).sum(axis=0)
-            total = s if total is None else total + s
-            n += len(v)
+        s = np.stack([vecs[f].astype(np.float64).sum(axis=0) for f in facets])
+        total = s if total is None else total + s
+        n += len(vecs[facets[0]])
     if not n:
         raise InputError(f"cache {cache} has no rows")
     return (total / n).astype(np.float32)
@@ -305,8 +309,9 @@ def worker_loop(loop_cfg: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = build_model(cfg.model, loop_cfg["text_dim"])
-    if loop_cfg.get("text_mean") is not None:
-        model.set_text_mean(torch.tensor(loop_cfg["text_mean"]))
+    # center_text: each facet's vectors minus that facet's mean over the cache (see facet_means)
+    means = loop_cfg.get("facet_means")
+    means = torch.tensor(means, device=device) if means is not None else None
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
@@ -345,6 +350,8 @@ def worker_loop(loop_cfg: dict) -> None:
             invalid_total += n_invalid
             images = batch["image"].to(device)
             vectors = batch["text"].to(device)
+            if means is not None:
+                vectors = vectors - means  # [N, K, D] - [K, D]
 
             # 1. learning rate: warm-up then cosine
             lr = lr_at(step, cfg.steps, warmup, cfg.optim.lr, cfg.optim.min_lr)

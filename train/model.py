@@ -55,7 +55,9 @@ class ModelConfig:
     loss:         the loss the model trains with; decides the logit scale/bias initialisation.
     logit_scale_init / logit_bias_init: override LOGIT_INIT (log scale; bias) when not None.
     grad_checkpointing: recompute the tower's activations in backward (less memory, ~30% slower).
-    center_text:  subtract ``text_mean`` (the cache's mean vector) from cached vectors first.
+    center_text:  the trainer subtracts each facet's mean over the cache from that facet's
+                  vectors (train.loop.facet_means) and the export keeps the means for
+                  inference; ``text_mean`` is a further single offset, zero unless set.
     """
 
     tower: str = "vit_base_patch16_224"
