@@ -204,9 +204,7 @@ def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalRe
     r, names = text_recipe(recipe, model.facets, "raw")
     texts = [t.format(c) for c in data.classes for t in cfg.templates]
     vectors = embed_texts(cfg.run, texts, r, names, cfg.engine)
-    per_template = model.encode_text(vectors, names).reshape(
-        len(data.classes), len(cfg.templates), -1
-    )
+    per_template = model.encode_text(vectors).reshape(len(data.classes), len(cfg.templates), -1)
     classes = per_template.mean(axis=1)  # average over templates, then renormalise
     classes /= np.linalg.norm(classes, axis=1, keepdims=True)
     images = encode_images(model, data.images, cfg.batch_size)

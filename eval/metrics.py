@@ -47,12 +47,17 @@ def retrieval_recall(
 
 
 def zero_shot_accuracy(
-    image_features: np.ndarray, class_features: np.ndarray, labels: Sequence[int], ks: Sequence[int] = (1, 5)
+    image_features: np.ndarray,
+    class_features: np.ndarray,
+    labels: Sequence[int],
+    ks: Sequence[int] = (1, 5),
 ) -> dict[str, object]:
     """Top-K accuracy and per-class top-1 accuracy of nearest-class-prompt classification."""
     labels = np.asarray(labels)
     rank = _rank_of(image_features @ class_features.T, labels)
-    out: dict[str, object] = {f"top{k}": float((rank < k).mean()) for k in ks if k <= class_features.shape[0]}
+    out: dict[str, object] = {
+        f"top{k}": float((rank < k).mean()) for k in ks if k <= class_features.shape[0]
+    }
     out["per_class_top1"] = {
         int(c): float((rank[labels == c] == 0).mean()) for c in np.unique(labels)
     }

@@ -106,16 +106,12 @@ class TrainedModel:
         return self.model.encode_image(images.to(self.device)).float().cpu().numpy()
 
     @torch.no_grad()
-    def encode_text(self, vectors, facets: list[str] | None = None) -> np.ndarray:
-        """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors.
-
-        ``facets``: which facet(s) the vectors are (or are the mean of), so a center_text model
-        subtracts the same offset training did; default: the mean of all trained facets.
-        """
+    def encode_text(self, vectors) -> np.ndarray:
+        """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors (a center_text
+        model first subtracts the same offset training did)."""
         v = np.asarray(vectors, dtype=np.float32)
         if self.facet_means is not None:
-            known = [self.facets.index(f) for f in (facets or []) if f in self.facets]
-            v = v - self.facet_means[known or slice(None)].mean(axis=0)
+            v = v - self.facet_means.mean(axis=0)
         v = torch.as_tensor(v, device=self.device)
         return self.model.encode_text(v).float().cpu().numpy()
 
