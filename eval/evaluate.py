@@ -219,9 +219,7 @@ def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalR
     from eval.metrics import retrieval_recall
 
     r, names = text_recipe(recipe, model.facets, cfg.query)
-    texts = model.encode_text(
-        embed_texts(cfg.run, list(data.captions), r, names, cfg.engine), names
-    )
+    texts = model.encode_text(embed_texts(cfg.run, list(data.captions), r, names, cfg.engine))
     images = encode_images(model, data.images, cfg.batch_size)
     caption_image = np.asarray(data.caption_image)
     ks = (1, 5, 10)
