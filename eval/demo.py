@@ -196,8 +196,6 @@ def final_report(report: DemoReport, cfg: DemoConfig) -> str:
     lines += [f"- {name}: `{path}`" for name, path in report.paths.items()]
     lines += ["- per-eval reports and figures: `runs/<recipe>/eval/` (JSON, markdown, PNG)",
               "- training curves: `runs/<recipe>/plots/`, TensorBoard: `runs/<recipe>/tb/`", ""]  # fmt: skip
-    lines += ["## Time", ""] + [
-        f"- {k.split(':')[0]}: {v:.0f} s" for k, v in report.seconds.items()
-    ]
+    lines += ["## Time", ""] + [f"- {k}: {v:.0f} s" for k, v in report.seconds.items()]
     lines.append(f"- total: {sum(report.seconds.values()):.0f} s")
     return "\n".join(lines) + "\n"
