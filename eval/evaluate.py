@@ -324,7 +324,7 @@ def _plots(out: Path, report: EvalReport, data) -> list[Path]:
         files.append(_grid(out, report, data, plt))
     else:
         per_class = report.metrics["per_class_top1"]
-        fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(per_class)), 3.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(min(16, max(5, 0.35 * len(per_class))), 3.5), dpi=100)
         ax.bar(range(len(per_class)), list(per_class.values()))
         ax.axhline(report.chance["top1"], color="k", linestyle="--", label="chance")
         ax.set_xticks(range(len(per_class)), list(per_class), rotation=60, ha="right", fontsize=7)
