@@ -327,7 +327,9 @@ def training_rows(
         for prefix, caption, facets in _prompt_groups(s):
             answers = [enc(s.answers[ANSWER_OF[name]] + '"') + [enc.eos] for name in facets]
             facet_ids = [enc(text) for text in facets.values()]
-            items.append(pack_prompt(enc.context(prefix, caption), facet_ids, answers, answer_weight))
+            items.append(
+                pack_prompt(enc.context(prefix, caption), facet_ids, answers, answer_weight)
+            )
         obj = [enc(s.answers["main_object"] + '"') + [enc.eos]]
         zs_context = enc.context(SHORT_PREFIX, clean_caption(_zero_shot_caption(s, rng)))
         items.append(pack_prompt(zs_context, [enc(RAW_FACETS["raw"])], obj, answer_weight))

@@ -78,7 +78,11 @@ def test_duckdb_and_pandas_read_the_cache(flame_cache, captions):
     )
     schema = pq.read_schema(out / "shards" / "part-00000.parquet")
     vector = schema.field("raw").type
-    assert pa.types.is_fixed_size_list(vector) and vector.list_size == dim and vector.value_type == pa.float16()
+    assert (
+        pa.types.is_fixed_size_list(vector)
+        and vector.list_size == dim
+        and vector.value_type == pa.float16()
+    )
     meta = schema.metadata
     assert b"facetclip.recipe" in meta and json.loads(meta[b"facetclip.layout"])["dim"] == dim
 

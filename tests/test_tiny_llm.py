@@ -29,8 +29,15 @@ def tiny_dirs(tmp_path_factory):
     """Two untrained and two briefly trained models, built with the same seed."""
     root = tmp_path_factory.mktemp("tiny_llm")
     reports = {}
-    for name, steps in [("untrained", 0), ("untrained_again", 0), ("trained", 30), ("trained_again", 30)]:
-        reports[name] = build_tiny_llm(root / name, TinyLLMConfig(steps=steps, **SMALL), progress=False)
+    for name, steps in [
+        ("untrained", 0),
+        ("untrained_again", 0),
+        ("trained", 30),
+        ("trained_again", 30),
+    ]:
+        reports[name] = build_tiny_llm(
+            root / name, TinyLLMConfig(steps=steps, **SMALL), progress=False
+        )
     return root, reports
 
 
@@ -70,7 +77,9 @@ def test_untrained_model_loads_offline_as_llama(tiny_dirs, offline):
     assert torch.isfinite(out.logits).all()
 
 
-@pytest.mark.parametrize("text", ["Ein roter Stern über dem Fluss.", "红色的星星", "Звезда — 🌟 ok", "naïve café"])
+@pytest.mark.parametrize(
+    "text", ["Ein roter Stern über dem Fluss.", "红色的星星", "Звезда — 🌟 ok", "naïve café"]
+)
 def test_any_unicode_round_trips(tiny_dirs, offline, text):
     from transformers import AutoTokenizer
 
@@ -179,5 +188,7 @@ def test_packed_rows_match_standalone_sequences(tiny_dirs, offline):
         end = 3 + len(context)
         for facet in facets:
             end += len(facet)
-            torch.testing.assert_close(packed[0, end - 1], alone(context + facet), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                packed[0, end - 1], alone(context + facet), rtol=1e-5, atol=1e-5
+            )
         torch.testing.assert_close(packed[1, 2], alone([1, 45, 46]), rtol=1e-5, atol=1e-5)

@@ -241,7 +241,9 @@ def test_short_training_lifts_held_out_retrieval_far_above_chance(
     query = np.mean([vectors[n] for n in model.facets], axis=0)
     recall = retrieval_recall(images, model.encode_text(query), np.arange(len(table)))
     chance = 1 / len(table)
-    print(f"held-out R@1 i2t {recall['i2t_R@1']:.3f} t2i {recall['t2i_R@1']:.3f} (chance {chance:.3f})")
+    print(
+        f"held-out R@1 i2t {recall['i2t_R@1']:.3f} t2i {recall['t2i_R@1']:.3f} (chance {chance:.3f})"
+    )
     # The criterion is image->text R@1; text->image is printed (it is noisier with an
     # untrained LM at this size: 1-3x chance across tokenizer versions).
     assert recall["i2t_R@1"] >= 3 * chance

@@ -133,7 +133,9 @@ def test_nan_vector(cache):
     col = t.column("main_object").combine_chunks()
     v = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).copy()
     v[3, 7] = np.nan
-    bad = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), type=t.schema.field("main_object").type)
+    bad = pa.FixedSizeListArray.from_arrays(
+        pa.array(v.reshape(-1)), type=t.schema.field("main_object").type
+    )
     i = t.schema.get_field_index("main_object")
     rewrite_shard(cache, 1, t.set_column(i, t.schema.field(i), bad))
     r = verify_cache(cache)
