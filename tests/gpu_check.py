@@ -1,6 +1,6 @@
-"""``make gpu-check`` / ``python -m tests.gpu_check``: the checks that need vLLM and a CUDA GPU.
+"""``make gpu-check`` / ``python -m tests.gpu_check``: the checks that need a CUDA GPU (and vLLM).
 
-Without either it says which is missing and exits 0. With both:
+Without a GPU it says so and exits 0. With a GPU it runs (d); with vLLM too, also (a)-(c):
 
 (a) **agreement** — the vllm engine (bf16) against the hf engine on the same synthetic
     captions and an untrained small Llama it builds itself: min cosine against the hf
@@ -16,6 +16,10 @@ Without either it says which is missing and exits 0. With both:
         P = decoder parameters (embedding and LM head excluded: neither does a matmul here)
         T = useful tokens = sum over captions of (context + all facet tokens), the same T for
             both engines (attention FLOPs are not counted)
+
+(d) **stage two** — ViT-B/16 at 224 px, FLAME's token-mlp head into a 4096-wide LLM space,
+    batch 256, bf16, mp-sigmoid: training images/s, and the loader's images/s (decode +
+    RandomResizedCrop + normalise on every CPU core), side by side. Needs no vLLM.
 
 Exit status 1 when (a) or (b) fails. Sizes are flags; the defaults run in a few minutes:
 
@@ -323,6 +327,75 @@ def check_throughput(tmp: Path, tokenizer_dir: Path, args) -> None:
     print("  computed / useful: hf counts padding, vLLM counts what its prefix cache did not serve")
 
 
+def _decode_chunk(args) -> int:
+    """One loader worker's share: decode + RandomResizedCrop + normalise (train.data)."""
+    jpegs, size = args
+    from train.data import IMAGE_BYTES, DataConfig, decode_batch
+
+    cfg = DataConfig(images=Path("."), cache=Path("."), image_size=size)
+    decode_batch({"key": [str(i) for i in range(len(jpegs))], IMAGE_BYTES: jpegs}, cfg)
+    return len(jpegs)
+
+
+def check_vit_training(args, device: str) -> None:
+    """(d) Stage two on the GPU: a ViT-B/16 at 224 px with FLAME's token-mlp head into a
+    4096-wide LLM space, batch 256, bf16 autocast, mp-sigmoid over 6 of 7 cached facets:
+    training images/s; and the loader (decode + RandomResizedCrop + normalise on every CPU
+    core) images/s, side by side."""
+    import multiprocessing as mp
+
+    from eval.synth import encode_jpeg, iter_samples
+    from train.losses import compute_loss, select_facets
+    from train.model import ModelConfig, build_model
+
+    b, size, dim = args.vit_batch, args.vit_size, args.vit_text_dim
+    kwargs = {"img_size": size} if args.vit_tower.startswith("vit") else {}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(tower=args.vit_tower, tower_kwargs=kwargs), dim).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(0.5), lr=5e-4, betas=(0.9, 0.95))
+    images = torch.randn(b, 3, size, size, device=device)
+    vectors = torch.nn.functional.normalize(torch.randn(b, 7, dim, device=device), dim=-1)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        text_in = select_facets(vectors.cpu(), "mp-sigmoid", "sample", 6, gen).to(device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            out = model(images, text_in)
+        loss = compute_loss("mp-sigmoid", **out)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(args.vit_warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.vit_steps):
+        step()
+    sync()
+    train_rate = b * args.vit_steps / (time.perf_counter() - t0)
+
+    jpegs = [
+        encode_jpeg(s.image)
+        for s in iter_samples(args.vit_loader_images, seed=0, render=True, image_size=256)
+    ]
+    workers = os.cpu_count() or 1
+    chunks = [(jpegs[i::workers], size) for i in range(workers)]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pool.map(_decode_chunk, [(c[0][:4], size) for c in chunks])  # warm-up: imports
+        t0 = time.perf_counter()
+        n = sum(pool.map(_decode_chunk, chunks))
+        loader_rate = n / (time.perf_counter() - t0)
+    print("(d) stage two on this device")
+    print(table(["", "images/s"], [[f"training ({args.vit_tower}, {size} px, batch {b}, bf16)", f"{train_rate:,.0f}"],
+                                  [f"loader ({workers} processes, 256 px JPEG -> {size} px)", f"{loader_rate:,.0f}"]]))  # fmt: skip
+    print(f"loader / training: {loader_rate / train_rate:.2f} (>= 1: the GPU is not starved)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.gpu_check", description=__doc__.split("\n")[0]
@@ -342,11 +415,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="vLLM without torch.compile and CUDA graphs (faster start)",
     )
+    parser.add_argument("--vit-tower", default="vit_base_patch16_224", help="(d) timm tower")
+    parser.add_argument("--vit-size", type=int, default=224, help="(d) image side")
+    parser.add_argument("--vit-batch", type=int, default=256, help="(d) batch size")
+    parser.add_argument("--vit-text-dim", type=int, default=4096, help="(d) LLM width")
+    parser.add_argument("--vit-steps", type=int, default=10, help="(d) timed steps")
+    parser.add_argument("--vit-warmup", type=int, default=3, help="(d) untimed steps")
+    parser.add_argument("--vit-loader-images", type=int, default=2048, help="(d) images decoded")
+    parser.add_argument("--vit-device", default="cuda", help="(d) device (cpu: a smoke test)")
     args = parser.parse_args(argv)
 
+    if not torch.cuda.is_available() and args.vit_device == "cuda":
+        print(
+            "gpu-check: skipped: no CUDA GPU (torch.cuda.is_available() is False). Nothing to check on this machine."
+        )
+        return 0
+    check_vit_training(args, args.vit_device)
     missing = missing_requirements()
     if missing:
-        print("gpu-check: skipped: " + "; ".join(missing) + ". Nothing to check on this machine.")
+        print("gpu-check: vLLM checks skipped: " + "; ".join(missing) + ".")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
