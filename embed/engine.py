@@ -52,8 +52,12 @@ class ModelInfo:
     model_type: str
 
 
-def resolve_model(model: str) -> Path:
-    """A local model directory, or a hub id resolved through the Hugging Face cache/hub."""
+def resolve_model(model: str, weights: bool = True) -> Path:
+    """A local model directory, or a hub id resolved through the Hugging Face cache/hub.
+
+    ``weights=False`` fetches only the config and tokenizer files of a hub id (what
+    ``facetclip plan`` needs), not a checkpoint of many GB.
+    """
     p = Path(model).expanduser()
     if p.is_dir():
         return p
@@ -64,20 +68,22 @@ def resolve_model(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(
-                model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
-            )
-        )
+        patterns = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+        if weights:
+            patterns.append("*.safetensors")
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as e:  # network, auth, unknown repo: all mean the same to the user
         raise InputError(
             f"model {model!r} is neither a local directory nor a reachable hub id ({type(e).__name__}: {e})"
         ) from None
 
 
-def inspect_model(model: str) -> ModelInfo:
-    """Check that ``model`` is a causal LM and read its shape, without loading weights."""
-    path = resolve_model(model)
+def inspect_model(model: str, weights: bool = True) -> ModelInfo:
+    """Check that ``model`` is a causal LM and read its shape, without loading weights.
+
+    Only config.json is read; ``weights=False`` also spares a hub id's weight download.
+    """
+    path = resolve_model(model, weights=weights)
     if not (path / "config.json").is_file():
         raise InputError(
             f"model directory {path} has no config.json; it must be a Hugging Face model directory"

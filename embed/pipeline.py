@@ -85,17 +85,24 @@ class EmbedSummary:
 
 
 def resolve_recipe(cfg: EmbedConfig) -> Recipe:
-    recipe = get_recipe(cfg.recipe)
-    if cfg.dtype is not None:
-        recipe = replace(recipe, dtype=cfg.dtype)
-    if cfg.layer is not None:
-        recipe = replace(recipe, layer=cfg.layer)
-    unknown = set(cfg.columns) - set(recipe.columns)
+    return recipe_with_overrides(cfg.recipe, cfg.dtype, cfg.layer, cfg.columns)
+
+
+def recipe_with_overrides(
+    name: str, dtype: str | None, layer: int | None, columns: dict[str, str]
+) -> Recipe:
+    """A recipe by name or file, with the command line's --dtype, --layer and --column applied."""
+    recipe = get_recipe(name)
+    if dtype is not None:
+        recipe = replace(recipe, dtype=dtype)
+    if layer is not None:
+        recipe = replace(recipe, layer=layer)
+    unknown = set(columns) - set(recipe.columns)
     if unknown:
         raise InputError(
             f"--column names {sorted(unknown)} are not columns of recipe {recipe.name!r} ({recipe.columns})"
         )
-    return recipe.with_columns(cfg.columns)
+    return recipe.with_columns(columns)
 
 
 def auto_shard_rows(n_vectors: int, dim: int, dtype: str) -> int:
