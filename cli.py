@@ -211,6 +211,94 @@ def embed(
     console.print(t)
 
 
+@app.command()
+@user_errors
+def plan(
+    captions: Annotated[
+        Path, typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output.")
+    ],
+    model: Annotated[
+        str, typer.Option(help="Model directory or hub id (config.json + tokenizer suffice).")
+    ],
+    recipe: Annotated[
+        str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
+    ] = "flame",
+    gpu: Annotated[str, typer.Option(help="h100 | h200 | a100 (peak dense bf16 FLOP/s)")] = "h100",
+    gpus: Annotated[int, typer.Option(help="GPUs sharing the work (divides wall time).")] = 1,
+    mfu: Annotated[
+        float, typer.Option(help="Assumed model FLOPs utilisation, a fraction of peak.")
+    ] = 0.4,
+    sample: Annotated[int, typer.Option(help="Count tokens on the first N input rows.")] = 10_000,
+    rows: Annotated[
+        int | None,
+        typer.Option(
+            help="Total input rows (needed when the input is not Parquet and is longer than --sample)."
+        ),
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="hidden_states[LAYER] (1..num_layers, -1 = last)")
+    ] = None,
+    input_format: Annotated[
+        str, typer.Option(help="auto | parquet | jsonl | csv | tsv | webdataset")
+    ] = "auto",
+    key_column: Annotated[str, typer.Option(help="Input column holding the sample key.")] = "key",
+    column: Annotated[
+        list[str],
+        typer.Option(help="RECIPE_COLUMN=INPUT_COLUMN, e.g. long_caption=text; repeatable"),
+    ] = [],  # noqa: B006
+    store_text: Annotated[bool, typer.Option(help="Count caption texts in the cache size.")] = True,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Estimate stage one before running it: tokens (counted with the real tokenizer on a
+    sample), FLOPs, GPU-hours at an assumed MFU, and the cache size per dtype.
+
+    Example: facetclip plan data/synth/captions.parquet --model models/tiny --recipe flame --gpu h100 --gpus 8
+    """
+    _quiet_libraries()
+    from embed.plan import PlanConfig, human
+    from embed.plan import plan as make_plan
+
+    cfg = PlanConfig(captions=captions, model=model, recipe=recipe, gpu=gpu, gpus=gpus, mfu=mfu,
+                     sample=sample, rows=rows, layer=layer, input_format=input_format,
+                     key_column=key_column, columns=_parse_columns(column),
+                     store_text=store_text)  # fmt: skip
+    p = make_plan(cfg)
+    if json_:
+        _print_json(p.to_dict())
+        return
+    s, t = p.sample, p.total
+    t_ = Table(title=f"plan: {p.recipe} on {p.captions}", show_header=False)
+    t_.add_row("input rows", f"{p.rows:,} ({p.rows_from}); sampled {s.rows:,}")
+    t_.add_row("rows to embed", f"{t.embedded:,} ({t.truncated:,} truncated)")
+    t_.add_row(
+        "model",
+        f"{human(p.params_total)} parameters; {p.layers_run} layers run, "
+        f"{human(p.params_per_token)} matmul weights per token ({p.params_from})",
+    )
+    t_.add_row("vectors per row", f"{p.vectors_per_row} x {p.dim}")
+    per_row = s.packed / max(1, s.embedded)
+    naive_row = s.naive / max(1, s.embedded)
+    t_.add_row("tokens, packed (computed)", f"{human(t.packed)} ({per_row:,.1f} per row)")
+    t_.add_row(
+        "tokens, naive K passes",
+        f"{human(t.naive)} ({naive_row:,.1f} per row, {t.naive / max(1, t.packed):.2f}x)",
+    )
+    t_.add_row("FLOPs, packed", f"{p.flops:.3e}")
+    t_.add_row("FLOPs, naive K passes", f"{p.flops_naive:.3e}")
+    t_.add_row(
+        f"GPU-hours ({p.gpu}, {human(p.peak_flops, 'FLOP/s')} x MFU {p.mfu:g})",
+        f"{_hours(p.gpu_hours)} (naive {_hours(p.gpu_hours_naive)})",
+    )
+    t_.add_row(f"wall time on {p.gpus} GPU(s)", f"{_hours(p.wall_hours)} h")
+    for dtype, n in p.cache_bytes.items():
+        t_.add_row(f"cache, {dtype}", f"{human(n, 'B')} ({n / max(1, t.embedded):,.0f} B per row)")
+    console.print(t_)
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f}" if h >= 10 else f"{h:.3g}"
+
+
 def _print_json(obj) -> None:
     import json
 
