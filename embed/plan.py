@@ -237,9 +237,12 @@ def safetensors_layer_params(path: Path, layers: int) -> int | None:
     files = sorted(Path(path).glob("*.safetensors"))
     total, found = 0, False
     for f in files:
-        with f.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+        try:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return None  # unreadable header: fall back to the config's count
         for name, meta in header.items():
             m = _LAYER_NAME.search(name)
             if name == "__metadata__" or m is None:
