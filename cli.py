@@ -255,8 +255,7 @@ def plan(
     Example: facetclip plan data/synth/captions.parquet --model models/tiny --recipe flame --gpu h100 --gpus 8
     """
     _quiet_libraries()
-    from embed.plan import PlanConfig, human
-    from embed.plan import plan as make_plan
+    from embed.plan import PlanConfig, human, make_plan
 
     cfg = PlanConfig(captions=captions, model=model, recipe=recipe, gpu=gpu, gpus=gpus, mfu=mfu,
                      sample=sample, rows=rows, layer=layer, input_format=input_format,

@@ -351,7 +351,7 @@ class Plan:
         return d
 
 
-def plan(cfg: PlanConfig) -> Plan:
+def make_plan(cfg: PlanConfig) -> Plan:
     """Count tokens on a sample with the model's tokenizer and estimate the whole run."""
     check_gpus(cfg.gpu, cfg.gpus, cfg.mfu)
     if cfg.sample < 1:

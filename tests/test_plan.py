@@ -23,9 +23,9 @@ from embed.plan import (
     cache_bytes,
     forward_flops,
     gpu_hours,
+    make_plan,
     naive_attention_pairs,
     packed_attention_pairs,
-    plan,
     safetensors_layer_params,
     vector_bytes,
 )
@@ -52,7 +52,7 @@ def embedded(tmp_path_factory, captions, tiny_model):
 
 @pytest.fixture(scope="module")
 def whole(captions, tiny_model):
-    return plan(PlanConfig(captions, str(tiny_model), "flame"))
+    return make_plan(PlanConfig(captions, str(tiny_model), "flame"))
 
 
 def test_token_counts_are_the_engines_own(captions, tiny_model, embedded, whole):
@@ -168,7 +168,7 @@ def test_cost_math_by_hand():
 
 
 def test_sample_extrapolates(captions, tiny_model, whole):
-    half = plan(PlanConfig(captions, str(tiny_model), "flame", sample=60))
+    half = make_plan(PlanConfig(captions, str(tiny_model), "flame", sample=60))
     assert (half.rows, half.rows_from, half.sample.rows) == (120, "Parquet footers", 60)
     assert half.total.packed == round(half.sample.packed * 2)
     assert half.total.packed == pytest.approx(whole.total.packed, rel=0.05)
@@ -181,10 +181,10 @@ def test_jsonl_needs_rows_unless_read_whole(tmp_path, captions, tiny_model):
     jsonl = tmp_path / "caps.jsonl"
     frame.to_json(jsonl, orient="records", lines=True)
     with pytest.raises(InputError, match="--rows"):
-        plan(PlanConfig(jsonl, str(tiny_model), "flame", sample=50))
-    p = plan(PlanConfig(jsonl, str(tiny_model), "flame", sample=50, rows=1000))
+        make_plan(PlanConfig(jsonl, str(tiny_model), "flame", sample=50))
+    p = make_plan(PlanConfig(jsonl, str(tiny_model), "flame", sample=50, rows=1000))
     assert (p.rows, p.rows_from, p.total.rows) == (1000, "--rows", 1000)
-    p = plan(PlanConfig(jsonl, str(tiny_model), "flame"))
+    p = make_plan(PlanConfig(jsonl, str(tiny_model), "flame"))
     assert (p.rows, p.rows_from, p.sample.embedded) == (120, "whole input read", 119)
 
 
@@ -192,14 +192,14 @@ def test_plans_without_weights(tmp_path, captions, tiny_model, whole):
     """config.json and the tokenizer suffice; the count then comes from the config."""
     bare = tmp_path / "bare"
     shutil.copytree(tiny_model, bare, ignore=shutil.ignore_patterns("*.safetensors"))
-    p = plan(PlanConfig(captions, str(bare), "flame"))
+    p = make_plan(PlanConfig(captions, str(bare), "flame"))
     assert (p.params_from, whole.params_from) == ("config.json", "safetensors headers")
     assert p.params_per_token == whole.params_per_token
     assert p.flops == whole.flops
 
 
 def test_layer_truncates_the_cost(captions, tiny_model, whole):
-    p = plan(PlanConfig(captions, str(tiny_model), "flame", layer=2))
+    p = make_plan(PlanConfig(captions, str(tiny_model), "flame", layer=2))
     assert (p.layers_run, whole.layers_run) == (2, 4)
     assert p.flops == pytest.approx(whole.flops / 2)
 
