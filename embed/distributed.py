@@ -204,9 +204,10 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
                 ray.kill(actors.pop(aid))
                 retry.appendleft(item)
                 if summary.engine_failures > cfg.max_engine_failures:
+                    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                     raise EmbedError(
-                        f"{summary.engine_failures} engine actors died (limit "
-                        f"{cfg.max_engine_failures}); the last: {str(e)[-800:]}\n"
+                        f"{summary.engine_failures} engine actor(s) died (limit "
+                        f"{cfg.max_engine_failures}); the last: {lines[-1][:300] if lines else e}\n"
                         f"{summary.shards_written} shard(s) of this run are committed; rerun the "
                         "same command to resume."
                     ) from None

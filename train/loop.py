@@ -153,7 +153,7 @@ def _data_config(cfg: TrainConfig, train: bool):
     from train.data import DataConfig
 
     return DataConfig(
-        images=Path(cfg.images), cache=Path(cfg.cache), facets=cfg.facets or None,
+        images=Path(cfg.images), cache=cfg.cache, facets=cfg.facets or None,
         image_size=cfg.data.image_size, crop_scale=tuple(cfg.data.crop_scale), seed=cfg.seed,
         image_format=cfg.data.image_format, train=train,
     )  # fmt: skip
