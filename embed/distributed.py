@@ -146,9 +146,10 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
     started = init_ray(cfg.ray_address, n)
     actors: dict[int, object] = {}
     try:
-        on_gpu = _needs_gpu(cfg, ray.cluster_resources().get("GPU", 0))
+        resources = ray.cluster_resources()
+        on_gpu = _needs_gpu(cfg, resources.get("GPU", 0))
         unit = "GPU" if on_gpu else "CPU"
-        have = ray.cluster_resources().get(unit, 0)
+        have = resources.get(unit, 0)
         if have < n:
             raise InputError(
                 f"--engines {n} needs {n} {unit}s (one per engine actor); the Ray cluster has "
@@ -161,13 +162,10 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
         root = plan.cache.root if plan.cache.fs is not None else Path(plan.cache.root).resolve()
         writer = Cache(root, plan.cache.recipe, Manifest(plan.cache.manifest.layout,
                        plan.cache.manifest.shard_rows), plan.cache.fs)  # fmt: skip
-        parts = ray.put(
-            {
-                "model_path": str(plan.model_path.resolve()),
-                "schema": plan.schema,
-                "duplicates": plan.duplicates,
-            }  # fmt: skip
-        )
+        # Put once in the object store, not once per actor (the duplicates map can be large).
+        shared = {"model_path": str(plan.model_path.resolve()), "schema": plan.schema,
+                  "duplicates": plan.duplicates}  # fmt: skip
+        parts = ray.put(shared)
         kill_after = int(os.environ[KILL_ACTOR_ENV]) if os.environ.get(KILL_ACTOR_ENV) else None
 
         ids = itertools.count()
