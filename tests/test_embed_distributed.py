@@ -235,25 +235,34 @@ def test_both_stages_join_a_ray_head_started_separately(tmp_path, synth_data, ti
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}  # fmt: skip
     env.pop(KILL_ACTOR_ENV, None)
+    # Ray 2.60's `ray start` turns token authentication on whenever ~/.ray/auth_token exists
+    # (any earlier local ray.init writes one), while a client joining by address does not:
+    # state the mode for head and clients alike, so the host's history cannot matter.
+    env["RAY_AUTH_MODE"] = "disabled"
     port = _free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = tempfile.mkdtemp(prefix="fcray-")  # short: Ray's socket paths have a length cap
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "4", "--num-gpus", "0", "--include-dashboard=false",
-         "--disable-usage-stats", "--temp-dir", temp_dir, "--block"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log = tmp_path / "ray-head.log"
+    # Every port the head would otherwise take at a fixed default is a free one: other Ray
+    # clusters on this host must not make the test fail.
+    ports = {f"--{name}-port": str(_free_port())
+             for name in ("dashboard", "ray-client-server", "dashboard-agent-listen")}  # fmt: skip
+    with open(log, "wb") as out:
+        head = subprocess.Popen(
+            [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+             "--port", str(port), "--num-cpus", "4", "--num-gpus", "0",
+             "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp_dir,
+             *(x for kv in ports.items() for x in kv), "--block"],
+            env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while True:  # the head is up once `ray status` reaches it
-            status = subprocess.run([str(bin_dir / "ray"), "status", "--address", address],
-                                    env=env, capture_output=True, timeout=120)  # fmt: skip
-            if status.returncode == 0:
-                break
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, status.stderr.decode()[-2000:]
-            time.sleep(2)
+        while "Ray runtime started" not in log.read_text(errors="replace"):
+            assert head.poll() is None, f"ray start --head exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, (
+                f"no Ray head after 180 s:\n{log.read_text()[-3000:]}"
+            )
+            time.sleep(1)
 
         cache = tmp_path / "cache"
         done = _run(
