@@ -373,7 +373,8 @@ def train_cmd(
         typer.Option(help="Images: img2dataset output (tars, parquet, files) or a key+path table."),
     ] = None,
     cache: Annotated[
-        Path | None, typer.Option(help="The stage-one cache to train against.")
+        str | None,
+        typer.Option(help="The stage-one cache to train against: a folder, or s3://bucket/path."),
     ] = None,
     out: Annotated[
         Path | None,
