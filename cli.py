@@ -131,7 +131,10 @@ def embed(
         Path, typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output.")
     ],
     model: Annotated[str, typer.Option(help="Model directory or hub id of a causal LM.")],
-    out: Annotated[Path, typer.Option(help="Cache directory (created, or resumed).")],
+    out: Annotated[
+        str,
+        typer.Option(help="Cache directory (created, or resumed), or a URI: s3://bucket/path."),
+    ],
     recipe: Annotated[
         str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
     ] = "flame",
@@ -168,6 +171,13 @@ def embed(
         int, typer.Option(min=64, help="hf engine: padded tokens per forward pass.")
     ] = 16384,
     device: Annotated[str, typer.Option(help="hf engine: auto | cpu | cuda | cuda:N")] = "auto",
+    engines: Annotated[
+        int, typer.Option(min=1, help="Engine actors on Ray (one GPU each for vllm); 1: no Ray.")
+    ] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Run the engine actors on this Ray cluster (default: a local Ray)."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Embed captions with a frozen LLM into a Parquet cache of facet vectors (resumable).
@@ -180,7 +190,7 @@ def embed(
     cfg = EmbedConfig(
         captions=captions,
         model=model,
-        out=out,
+        out=out if "://" in out else Path(out),
         recipe=recipe,
         engine=engine,
         compute_dtype=compute_dtype,
@@ -195,6 +205,8 @@ def embed(
         store_text=store_text,
         token_budget=token_budget,
         device=device,
+        engines=engines,
+        ray_address=ray_address,
     )
     s = run_embed(cfg, progress=progress)
     t = Table(title=f"embed -> {s.out}", show_header=False)
@@ -204,6 +216,8 @@ def embed(
     t.add_row("skipped", ", ".join(f"{r}: {c}" for r, c in s.skipped.items()) or "0")
     t.add_row("truncated", f"{s.truncated:,}")
     t.add_row("tokens computed", f"{s.tokens:,}")
+    if s.engine_failures:
+        t.add_row("engine actors replaced", f"{s.engine_failures} (their shards recomputed)")
     t.add_row(
         "wall time",
         f"{s.seconds:.1f} s ({s.captions_per_s:,.1f} captions/s, {s.tokens_per_s:,.0f} tokens/s)",
@@ -446,7 +460,8 @@ def train_cmd(
         typer.Option(help="Images: img2dataset output (tars, parquet, files) or a key+path table."),
     ] = None,
     cache: Annotated[
-        Path | None, typer.Option(help="The stage-one cache to train against.")
+        str | None,
+        typer.Option(help="The stage-one cache to train against: a folder, or s3://bucket/path."),
     ] = None,
     out: Annotated[
         Path | None,

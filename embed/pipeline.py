@@ -3,6 +3,10 @@
 Shard i holds the input rows [i * shard_rows, (i + 1) * shard_rows) (embedded or skipped), so
 a rerun of the same command recognises finished shards by their input range, skips them
 without loading the model, and recomputes only what is missing.
+
+``engines=1`` runs here, in this process, without Ray; ``engines>1`` (or a ``ray_address``)
+hands the same shards to Ray actors (embed.distributed). Both paths share ``plan_embed`` (validation, the cache, the
+shards still to do) and ``ShardEmbedder`` (one shard's vectors and its staged files).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +35,7 @@ from embed.inputs import (
 )
 from embed.prompts import Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
-from store.cache import MANIFEST_FILE, SKIPPED_SCHEMA, Cache, Manifest
+from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
 from store.errors import FacetclipError, InputError
 from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
 
@@ -45,7 +50,7 @@ class EmbedError(FacetclipError):
 class EmbedConfig:
     captions: Path
     model: str
-    out: Path
+    out: Path | str  # a local folder, or a pyarrow.fs URI such as s3://bucket/caches/flame
     recipe: str = "flame"
     engine: str = "auto"
     compute_dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
@@ -61,11 +66,25 @@ class EmbedConfig:
     batch_rows: int = 256  # rows per engine call (progress granularity)
     token_budget: int = 16384
     device: str = "auto"
+    engines: int = 1  # >1: that many engine actors on Ray (embed.distributed)
+    ray_address: str | None = None  # run the actors on this Ray cluster (even with engines=1)
+    max_engine_failures: int = 3  # actor deaths tolerated before the run stops
+    out_filesystem: Any = None  # a pyarrow.fs.FileSystem holding ``out`` (default: from out)
+
+
+@dataclass
+class ShardStats:
+    """What embedding one shard produced, summed into ``EmbedSummary``."""
+
+    rows: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
 
 
 @dataclass
 class EmbedSummary:
-    out: Path
+    out: Path | str
     rows: int = 0  # rows written by this run
     rows_reused: int = 0  # rows in shards finished by an earlier run
     skipped: Counter = field(default_factory=Counter)
@@ -73,7 +92,16 @@ class EmbedSummary:
     tokens: int = 0  # tokens the model computed (context once + facets)
     shards_written: int = 0
     shards_reused: int = 0
+    engines: int = 1
+    engine_failures: int = 0  # engine actors that died and were replaced (engines > 1)
     seconds: float = 0.0
+
+    def add(self, stats: ShardStats) -> None:
+        self.rows += stats.rows
+        self.tokens += stats.tokens
+        self.truncated += stats.truncated
+        self.skipped.update(stats.skipped)
+        self.shards_written += 1
 
     @property
     def captions_per_s(self) -> float:
@@ -219,17 +247,44 @@ class _Progress:
             self.bar.stop()
 
 
-def run_embed(
-    cfg: EmbedConfig, progress: bool = True, engine: Engine | None = None
-) -> EmbedSummary:
-    """Embed ``cfg.captions`` into the cache ``cfg.out`` (creating or resuming it)."""
-    t0 = time.perf_counter()
+@dataclass
+class EmbedPlan:
+    """Everything both execution paths share: the validated inputs and the opened cache."""
+
+    cfg: EmbedConfig
+    recipe: Recipe
+    source: CaptionSource
+    cache: Cache
+    schema: pa.Schema
+    duplicates: dict[str, int]
+    shard_rows: int
+    total: int | None  # input rows to cover (None: unknown until read)
+    model_path: Path  # the model's local folder (weights and tokenizer)
+
+    def todo(self, summary: EmbedSummary, bar: _Progress) -> Iterator[tuple[int, CaptionBatch]]:
+        """(index, rows) of each shard still to embed; finished ones are counted and passed."""
+        for shard in _shards(self.source, self.recipe.columns, self.shard_rows, self.cfg.limit):
+            index = shard.start // self.shard_rows
+            end = shard.start + len(shard.keys)
+            entry = self.cache.manifest.entry(index)
+            if entry is not None and (entry.input_start, entry.input_end) == (shard.start, end):
+                summary.shards_reused += 1
+                summary.rows_reused += entry.rows
+                bar.advance(len(shard.keys))
+                continue
+            yield index, shard
+
+
+def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
+    """Validate ``cfg`` against its input and model, and create (or reopen) the cache."""
     if cfg.on_duplicate not in ON_DUPLICATE:
         raise InputError(f"--on-duplicate must be one of {ON_DUPLICATE}")
     if cfg.limit is not None and cfg.limit < 1:
         raise InputError("--limit must be >= 1")
     if cfg.shard_rows is not None and not 1 <= cfg.shard_rows <= 10_000_000:
         raise InputError("--shard-rows must be in 1..10000000")
+    if cfg.engines < 1:
+        raise InputError("--engines must be >= 1")
     recipe = resolve_recipe(cfg)
     source = CaptionSource(Path(cfg.captions), cfg.input_format, cfg.key_column)
     found = available_columns(source)
@@ -258,47 +313,66 @@ def run_embed(
     layout = layout_metadata(recipe.vector_names, info.hidden_size, recipe.dtype, text_columns)
     shard_rows = cfg.shard_rows
     if shard_rows is None:
-        existing = Path(cfg.out) / MANIFEST_FILE
+        existing = Cache.existing_manifest(cfg.out, cfg.out_filesystem)
         shard_rows = (
-            Manifest.from_json(existing.read_text()).shard_rows
-            if existing.is_file()
+            existing.shard_rows
+            if existing is not None
             else auto_shard_rows(len(recipe.vector_names), info.hidden_size, recipe.dtype)
         )
     input_info = {
         "path": str(Path(cfg.captions).resolve()),
         "format": resolve_format(source.path, source.format),
     }
-    cache = Cache.create(cfg.out, recipe.to_dict(), layout, shard_rows, input_info)
+    cache = Cache.create(
+        cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem
+    )
     schema = shard_schema(
         recipe.vector_names, info.hidden_size, recipe.dtype, text_columns, recipe.columns
     )
-
-    from transformers import AutoTokenizer
-
-    tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(info.path), recipe)
-    summary = EmbedSummary(out=Path(cfg.out))
     total = count_rows(source)
     if cfg.limit is not None:
         total = cfg.limit if total is None else min(total, cfg.limit)
-    bar = _Progress(total, progress)
+    return EmbedPlan(
+        cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path)
+    )
+
+
+def run_embed(
+    cfg: EmbedConfig, progress: bool = True, engine: Engine | None = None
+) -> EmbedSummary:
+    """Embed ``cfg.captions`` into the cache ``cfg.out`` (creating or resuming it).
+
+    ``cfg.engines > 1`` or a ``cfg.ray_address`` runs that many engine actors on Ray
+    (``engine`` must then be None); otherwise everything runs in this process."""
+    t0 = time.perf_counter()
+    plan = plan_embed(cfg)
+    if cfg.engines > 1 or cfg.ray_address:
+        if engine is not None:
+            raise ValueError("an engine object cannot be shared by several Ray actors")
+        from embed.distributed import run_distributed
+
+        summary = run_distributed(plan, progress)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+    from transformers import AutoTokenizer
+
+    recipe = plan.recipe
+    tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(plan.model_path), recipe)
+    summary = EmbedSummary(out=plan.cache.root)
+    bar = _Progress(plan.total, progress)
     embedder = None
     own_engine = engine is None
     try:
-        for shard in _shards(source, recipe.columns, shard_rows, cfg.limit):
-            index = shard.start // shard_rows
-            end = shard.start + len(shard.keys)
-            entry = cache.manifest.entry(index)
-            if entry is not None and (entry.input_start, entry.input_end) == (shard.start, end):
-                summary.shards_reused += 1
-                summary.rows_reused += entry.rows
-                bar.advance(len(shard.keys))
-                continue
+        for index, shard in plan.todo(summary, bar):
             if engine is None:  # loaded only when there is work: a finished cache never loads it
-                engine = make_engine(cfg.engine, _engine_config(cfg, recipe))
-            embedder = embedder or _ShardEmbedder(
-                cache, recipe, tokenizer, engine, schema, duplicates, cfg
+                engine = make_engine(cfg.engine, engine_config(cfg, recipe))
+            embedder = embedder or ShardEmbedder(
+                recipe, tokenizer, engine, plan.schema, plan.duplicates, cfg.batch_rows
             )
-            embedder.run(index, shard, summary, bar)
+            staged, stats = embedder.stage(plan.cache, index, shard, bar.advance)
+            plan.cache.commit_shard(staged)
+            summary.add(stats)
             _maybe_fault(summary.shards_written)
     finally:
         bar.close()
@@ -316,7 +390,8 @@ def _maybe_fault(shards_written: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _engine_config(cfg: EmbedConfig, recipe: Recipe) -> EngineConfig:
+def engine_config(cfg: EmbedConfig, recipe: Recipe) -> EngineConfig:
+    """The engine settings of a run (``auto`` compute dtype resolved on this machine)."""
     dtype = cfg.compute_dtype
     if dtype == "auto":
         import torch
@@ -350,19 +425,41 @@ def skip_reason(
 
 
 @dataclass
-class _ShardEmbedder:
-    """Embeds one shard's rows and writes the shard (or refuses to, on NaN/Inf)."""
+class ShardEmbedder:
+    """Embeds one shard's rows and stages the shard's files (or refuses to, on NaN/Inf).
 
-    cache: Cache
+    Shared by the in-process path and the Ray engine actors: the caller commits what
+    ``stage`` returns (``Cache.commit_shard``)."""
+
     recipe: Recipe
     tokenizer: PromptTokenizer
     engine: Engine
     schema: pa.Schema
     duplicates: dict[str, int]
-    cfg: EmbedConfig
+    batch_rows: int = 256
 
-    def run(self, index: int, shard: CaptionBatch, summary: EmbedSummary, bar: _Progress) -> None:
+    def stage(
+        self,
+        cache: Cache,
+        index: int,
+        shard: CaptionBatch,
+        advance: Callable[..., None] | None = None,
+    ) -> tuple[StagedShard, ShardStats]:
+        """Embed shard ``index`` and write it under temporary names in ``cache``."""
+        table, skipped, stats = self.embed(index, shard, advance)
+        staged = cache.stage_shard(
+            index, table, skipped, shard.start, shard.start + len(shard.keys)
+        )
+        return staged, stats
+
+    def embed(
+        self, index: int, shard: CaptionBatch, advance: Callable[..., None] | None = None
+    ) -> tuple[pa.Table, pa.Table, ShardStats]:
+        """(rows table, skipped-rows table, counts) of one shard. ``advance(rows,
+        computed_rows=, tokens=)`` is called after each engine batch (a progress bar)."""
+        advance = advance or (lambda *a, **k: None)
         recipe, engine = self.recipe, self.engine
+        stats = ShardStats()
         # The column each prompt group reads, in group order (a column may feed several groups).
         group_cols = [g.column for g in recipe.groups]
         kept, skipped = [], {"key": [], "input_row": [], "reason": []}
@@ -376,15 +473,15 @@ class _ShardEmbedder:
                 skipped["key"].append(key)
                 skipped["input_row"].append(row)
                 skipped["reason"].append(reason)
-                summary.skipped[reason] += 1
+                stats.skipped[reason] += 1
         n_vec = len(recipe.vector_names)
         dim = engine.hidden_size
         vectors = np.zeros((len(kept), n_vec, dim), np.float32)
         tokens = np.zeros((len(kept), len(recipe.columns)), np.int32)
         truncated = np.zeros(len(kept), bool)
         col_index = {c: j for j, c in enumerate(recipe.columns)}
-        for s in range(0, len(kept), self.cfg.batch_rows):
-            rows = kept[s : s + self.cfg.batch_rows]
+        for s in range(0, len(kept), self.batch_rows):
+            rows = kept[s : s + self.batch_rows]
             encoded = self.tokenizer.encode(
                 [[shard.columns[c][i] for c in group_cols] for i in rows]
             )
@@ -402,9 +499,9 @@ class _ShardEmbedder:
                 for g, count in zip(group_cols, e.caption_tokens, strict=True):
                     tokens[s + r, col_index[g]] = count
             n_tokens = sum(it.packed_length for it in items)
-            summary.tokens += n_tokens
-            bar.advance(len(rows), computed_rows=len(rows), tokens=n_tokens)
-        bar.advance(len(shard.keys) - len(kept))
+            stats.tokens += n_tokens
+            advance(len(rows), computed_rows=len(rows), tokens=n_tokens)
+        advance(len(shard.keys) - len(kept))
 
         bad = ~np.isfinite(vectors).all(axis=(1, 2))
         if bad.any():
@@ -427,10 +524,6 @@ class _ShardEmbedder:
             arrays[TOKENS_PREFIX + c] = pa.array(tokens[:, j], pa.int32())
         arrays["truncated"] = pa.array(truncated)
         table = pa.Table.from_arrays([arrays[f.name] for f in self.schema], schema=self.schema)
-        skipped_table = pa.table(skipped, schema=SKIPPED_SCHEMA)
-        self.cache.write_shard(
-            index, table, skipped_table, shard.start, shard.start + len(shard.keys)
-        )
-        summary.rows += len(kept)
-        summary.truncated += int(truncated.sum())
-        summary.shards_written += 1
+        stats.rows = len(kept)
+        stats.truncated = int(truncated.sum())
+        return table, pa.table(skipped, schema=SKIPPED_SCHEMA), stats

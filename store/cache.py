@@ -12,6 +12,17 @@ Crash safety: a shard is written to a temporary name, fsynced, renamed into plac
 then recorded in the manifest, which is itself rewritten atomically (temp + fsync + rename).
 A shard file without a manifest entry is unfinished work and is recomputed on resume, so a
 killed run never leaves a row twice or a half-written file in the manifest.
+
+Writing is two steps, ``stage_shard`` (temporary files) and ``commit_shard`` (rename into
+place + manifest), so that distributed embedding can stage shards on many engine actors
+while one process, the driver, alone commits them: one manifest writer, never a shard twice.
+
+Where a cache lives: a local folder (``cache/flame``, or ``file:///…``), or any filesystem
+``pyarrow.fs`` writes, given as a URI (``s3://bucket/caches/flame``, ``gs://…``) or as an
+explicit ``pyarrow.fs.FileSystem`` plus a path in it. Local folders keep the fsync + rename
+path above. Object stores have no atomic rename (a move is copy + delete) and no fsync: there
+the manifest, written last as one object, is the commit point; a shard object that the
+manifest does not list is unfinished work, removed on resume like a local orphan.
 """
 
 from __future__ import annotations
@@ -20,10 +31,12 @@ import hashlib
 import json
 import os
 import tomllib
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from store.errors import CacheError
@@ -68,9 +81,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write Parquet to a temp name, fsync, rename into place, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _temp_name(name: str) -> str:
+    # pid + a random part: engine actors on several hosts may share one NFS or S3 folder.
+    return f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _parquet_options(table: pa.Table) -> dict:
+    """pq.write_table options for a cache shard (vector columns raw, the rest zstd)."""
     # Row groups of ~64 MB (at most 64k rows) bound the memory of a streaming reader: one
     # FLAME row of a 5120-wide LLM is 112 KB, so a fixed row count would not.
     row_bytes = max(1, table.nbytes // max(1, table.num_rows))
@@ -83,18 +100,90 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         f.name for f in table.schema if f.name in vectors and pa.types.is_int8(f.type.value_type)
     }
     others = [f.name for f in table.schema if f.name not in vectors]
-    pq.write_table(
-        table,
-        tmp,
+    return dict(
         compression={name: ("none" if name in vectors else "zstd") for name in table.column_names},
         use_dictionary=others + [f"{name}.list.element" for name in sorted(int8)],  # leaf paths
         write_statistics=others,
         row_group_size=int(min(65536, max(1, (64 << 20) // row_bytes))),
     )
+
+
+def _write_parquet_temp(table: pa.Table, path: Path) -> Path:
+    """Write Parquet next to ``path`` under a temporary name and fsync it; returns that name."""
+    tmp = path.with_name(_temp_name(path.name))
+    pq.write_table(table, tmp, **_parquet_options(table))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    return tmp
+
+
+def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write Parquet to a temp name, fsync, rename into place, fsync the folder."""
+    _replace(_write_parquet_temp(table, path), path)
+
+
+# --- other filesystems (pyarrow.fs); paths there are strings joined with "/" -------------------
+
+
+def cache_location(
+    root: str | Path, filesystem: pafs.FileSystem | None = None
+) -> tuple[pafs.FileSystem | None, Path | str]:
+    """(None, local folder) or (pyarrow filesystem, path in it) for a cache root.
+
+    ``s3://bucket/path``, ``gs://…``, ``hdfs://…`` and any other URI pyarrow knows go through
+    ``pyarrow.fs.FileSystem.from_uri``; plain paths and ``file://`` URIs stay local (and keep
+    the fsync + rename path). With ``filesystem`` given, ``root`` is a path in it.
+
+    >>> cache_location("s3://bucket/caches/flame")  # doctest: +SKIP
+    (<pyarrow._s3fs.S3FileSystem ...>, 'bucket/caches/flame')
+    """
+    if filesystem is not None:
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            return None, Path(root)
+        return filesystem, str(root).rstrip("/")
+    text = str(root)
+    if "://" not in text:
+        return None, Path(root)
+    if text.startswith("file://"):
+        return None, Path(text.removeprefix("file://"))
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (pa.ArrowException, ValueError, OSError) as e:
+        raise CacheError(
+            f"cannot open {text} ({e}); give a local folder or a URI pyarrow.fs knows "
+            "(s3://bucket/path, gs://bucket/path, hdfs://host/path) with its credentials set"
+        ) from None
+    if isinstance(fs, pafs.LocalFileSystem):
+        return None, Path(path)
+    return fs, path.rstrip("/")
+
+
+def _fs_is_file(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _fs_read_text(fs: pafs.FileSystem, path: str) -> str:
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def _fs_write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    # One object written whole: readers see the old or the new manifest, never a mix (S3 and
+    # GCS make an object visible only once its upload completed).
+    tmp = f"{path.rpartition('/')[0]}/{_temp_name(path.rpartition('/')[2])}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def _fs_list(fs: pafs.FileSystem, folder: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    return [i.path for i in infos if i.type == pafs.FileType.File]
 
 
 @dataclass
@@ -150,18 +239,41 @@ def recipe_diff(
     return lines
 
 
-class Cache:
-    """One cache directory. Create or resume with ``Cache.create``; read with ``Cache.open``."""
+@dataclass
+class StagedShard:
+    """A shard written under temporary names, not yet in the manifest (``Cache.commit_shard``).
 
-    def __init__(self, root: Path, recipe: dict, manifest: Manifest):
-        self.root = root
+    Small and picklable: an engine actor stages a shard and hands this to the driver."""
+
+    entry: ShardEntry
+    shard_tmp: str
+    skipped_tmp: str
+
+
+class Cache:
+    """One cache directory. Create or resume with ``Cache.create``; read with ``Cache.open``.
+
+    ``fs`` is None for a local folder (``root`` a Path); otherwise a ``pyarrow.fs`` filesystem
+    and ``root`` a path in it (see ``cache_location``)."""
+
+    def __init__(
+        self, root: Path | str, recipe: dict, manifest: Manifest, fs: pafs.FileSystem | None = None
+    ):
+        self.fs = fs
+        self.root = Path(root) if fs is None else str(root)
         self.recipe = recipe
         self.manifest = manifest
 
+    def path(self, *parts: str) -> Path | str:
+        """A file of the cache: a Path when local, else a path in ``self.fs``."""
+        return self.root.joinpath(*parts) if self.fs is None else "/".join([self.root, *parts])
+
     # --- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str | Path) -> Cache:
-        root = Path(root)
+    def open(cls, root: str | Path, filesystem: pafs.FileSystem | None = None) -> Cache:
+        fs, root = cache_location(root, filesystem)
+        if fs is not None:
+            return cls._open_fs(fs, root)
         if not root.is_dir():
             raise CacheError(
                 f"{root} is not a directory; expected a cache made by `facetclip embed`"
@@ -183,13 +295,45 @@ class Cache:
         return cls(root, recipe, manifest)
 
     @classmethod
+    def _open_fs(cls, fs: pafs.FileSystem, root: str) -> Cache:
+        mpath, rpath = f"{root}/{MANIFEST_FILE}", f"{root}/{RECIPE_FILE}"
+        try:
+            missing = [p.rpartition("/")[2] for p in (rpath, mpath) if not _fs_is_file(fs, p)]
+            if missing:
+                raise CacheError(f"{root} is not a facetclip cache: missing {', '.join(missing)}")
+            manifest = Manifest.from_json(_fs_read_text(fs, mpath))
+            recipe = tomllib.loads(_fs_read_text(fs, rpath))
+        except (OSError, ValueError, TypeError, pa.ArrowException) as e:
+            raise CacheError(f"cannot read the cache at {root} ({e})") from None
+        return cls(root, recipe, manifest, fs)
+
+    @classmethod
+    def existing_manifest(
+        cls, root: str | Path, filesystem: pafs.FileSystem | None = None
+    ) -> Manifest | None:
+        """The manifest of the cache at ``root``, or None when there is none yet."""
+        fs, root = cache_location(root, filesystem)
+        exists = (
+            (root / MANIFEST_FILE).is_file()
+            if fs is None
+            else _fs_is_file(fs, f"{root}/{MANIFEST_FILE}")
+        )
+        return cls.open(root, fs).manifest if exists else None
+
+    @classmethod
     def create(
-        cls, root: str | Path, recipe: dict, layout: dict, shard_rows: int, input_info: dict
+        cls,
+        root: str | Path,
+        recipe: dict,
+        layout: dict,
+        shard_rows: int,
+        input_info: dict,
+        filesystem: pafs.FileSystem | None = None,
     ) -> Cache:
         """Start a new cache, or reopen an unfinished one made with the same recipe and input."""
-        root = Path(root)
-        if (root / MANIFEST_FILE).exists():
-            cache = cls.open(root)
+        fs, root = cache_location(root, filesystem)
+        if cls.existing_manifest(root, fs) is not None:
+            cache = cls.open(root, fs)
             old = dict(cache.recipe)
             if old.get("model_fingerprint") == recipe.get("model_fingerprint"):
                 old["model"] = recipe.get("model")  # the same weights at another path are fine
@@ -216,15 +360,27 @@ class Cache:
                 )
             cache.clean_temporaries()
             return cache
-        if root.exists() and any(root.iterdir()):
-            raise CacheError(
-                f"{root} exists, is not empty and is not a facetclip cache; choose another --out"
-            )
-        (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        (root / SKIPPED_DIR).mkdir(exist_ok=True)
-        atomic_write_bytes(root / RECIPE_FILE, dump_toml(recipe).encode())
         manifest = Manifest(layout=layout, shard_rows=shard_rows, input=input_info)
-        cache = cls(root, recipe, manifest)
+        cache = cls(root, recipe, manifest, fs)
+        if fs is None:
+            if root.exists() and any(root.iterdir()):
+                raise CacheError(
+                    f"{root} exists, is not empty and is not a facetclip cache; choose another --out"
+                )
+            (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+            (root / SKIPPED_DIR).mkdir(exist_ok=True)
+            atomic_write_bytes(root / RECIPE_FILE, dump_toml(recipe).encode())
+        else:
+            try:
+                if fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+                    raise CacheError(
+                        f"{root} exists, is not empty and is not a facetclip cache; choose another --out"
+                    )
+                for d in (SHARDS_DIR, SKIPPED_DIR):
+                    fs.create_dir(f"{root}/{d}", recursive=True)
+                _fs_write_bytes(fs, f"{root}/{RECIPE_FILE}", dump_toml(recipe).encode())
+            except (OSError, pa.ArrowException) as e:
+                raise CacheError(f"cannot write the cache at {root} ({e})") from None
         cache._save_manifest()
         return cache
 
@@ -232,6 +388,15 @@ class Cache:
     def clean_temporaries(self) -> None:
         """Remove leftovers of a killed run: temp files, and shards missing from the manifest."""
         known = {s.name for s in self.manifest.shards}
+        if self.fs is not None:
+            for d in (SHARDS_DIR, SKIPPED_DIR):
+                for p in _fs_list(self.fs, f"{self.root}/{d}"):
+                    name = p.rpartition("/")[2]
+                    if (name.startswith(".") and ".tmp-" in name) or (
+                        name.startswith("part-") and name not in known
+                    ):
+                        self.fs.delete_file(p)
+            return
         for d in (self.root / SHARDS_DIR, self.root / SKIPPED_DIR):
             for p in d.glob(".*.tmp-*"):
                 p.unlink(missing_ok=True)
@@ -240,45 +405,91 @@ class Cache:
                     p.unlink()
 
     def _save_manifest(self) -> None:
-        atomic_write_bytes(self.root / MANIFEST_FILE, self.manifest.to_json().encode())
+        data = self.manifest.to_json().encode()
+        if self.fs is None:
+            atomic_write_bytes(self.root / MANIFEST_FILE, data)
+        else:
+            _fs_write_bytes(self.fs, f"{self.root}/{MANIFEST_FILE}", data)
 
-    def write_shard(
+    def _write_temp(self, table: pa.Table, folder: str, name: str) -> tuple[str, int, str]:
+        """Write ``folder/name`` under a temporary name: (temp path, bytes, sha256)."""
+        if self.fs is None:
+            tmp = _write_parquet_temp(table, self.root / folder / name)
+            return str(tmp), tmp.stat().st_size, sha256_file(tmp)
+        # Serialised in memory first (the table is in memory anyway): the checksum then costs
+        # no second read from the object store.
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, **_parquet_options(table))
+        data = buf.getvalue()
+        tmp = f"{self.root}/{folder}/{_temp_name(name)}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        return tmp, data.size, hashlib.sha256(data).hexdigest()
+
+    def stage_shard(
         self, index: int, table: pa.Table, skipped: pa.Table, input_start: int, input_end: int
-    ) -> ShardEntry:
-        """Write shard ``index`` atomically and record it; replaces an older entry of that index."""
+    ) -> StagedShard:
+        """Write shard ``index`` (and its skipped rows) under temporary names; not yet visible."""
         name = shard_name(index)
         metadata = {
             META_RECIPE: dump_toml(self.recipe).encode(),
             META_LAYOUT: json.dumps(self.manifest.layout).encode(),
         }
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        path = self.root / SHARDS_DIR / name
-        write_parquet_atomic(table, path)
-        write_parquet_atomic(skipped.cast(SKIPPED_SCHEMA), self.root / SKIPPED_DIR / name)
+        shard_tmp, size, sha = self._write_temp(table, SHARDS_DIR, name)
+        skipped_tmp, _, _ = self._write_temp(skipped.cast(SKIPPED_SCHEMA), SKIPPED_DIR, name)
         entry = ShardEntry(
             name=name,
             index=index,
             rows=table.num_rows,
-            bytes=path.stat().st_size,
-            sha256=sha256_file(path),
+            bytes=size,
+            sha256=sha,
             input_start=input_start,
             input_end=input_end,
             skipped=skipped.num_rows,
         )
+        return StagedShard(entry, shard_tmp, skipped_tmp)
+
+    def commit_shard(self, staged: StagedShard) -> ShardEntry:
+        """Move a staged shard into place and record it in the manifest (the commit point);
+        replaces an older entry of that index."""
+        entry = staged.entry
+        moves = [(staged.shard_tmp, SHARDS_DIR), (staged.skipped_tmp, SKIPPED_DIR)]
+        for tmp, folder in moves:
+            if self.fs is None:
+                _replace(Path(tmp), self.root / folder / entry.name)
+            else:
+                self.fs.move(tmp, f"{self.root}/{folder}/{entry.name}")
         self.manifest.shards = sorted(
-            [s for s in self.manifest.shards if s.index != index] + [entry], key=lambda s: s.index
+            [s for s in self.manifest.shards if s.index != entry.index] + [entry],
+            key=lambda s: s.index,
         )
         self._save_manifest()
         return entry
 
+    def discard(self, staged: StagedShard) -> None:
+        """Delete a staged shard's temporary files (a shard another actor already committed)."""
+        for tmp in (staged.shard_tmp, staged.skipped_tmp):
+            if self.fs is None:
+                Path(tmp).unlink(missing_ok=True)
+            elif _fs_is_file(self.fs, tmp):
+                self.fs.delete_file(tmp)
+
+    def write_shard(
+        self, index: int, table: pa.Table, skipped: pa.Table, input_start: int, input_end: int
+    ) -> ShardEntry:
+        """Write shard ``index`` atomically and record it; replaces an older entry of that index."""
+        return self.commit_shard(self.stage_shard(index, table, skipped, input_start, input_end))
+
     # --- reading ----------------------------------------------------------------------
     @property
-    def shard_paths(self) -> list[Path]:
-        return [self.root / SHARDS_DIR / s.name for s in self.manifest.shards]
+    def shard_paths(self) -> list[Path | str]:
+        """The finished shards' files (paths in ``self.fs`` when it is not None)."""
+        return [self.path(SHARDS_DIR, s.name) for s in self.manifest.shards]
 
     @property
-    def skipped_paths(self) -> list[Path]:
-        return [self.root / SKIPPED_DIR / s.name for s in self.manifest.shards]
+    def skipped_paths(self) -> list[Path | str]:
+        return [self.path(SKIPPED_DIR, s.name) for s in self.manifest.shards]
 
     @property
     def rows(self) -> int:

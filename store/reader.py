@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from store.cache import Cache, atomic_write_bytes
@@ -24,10 +25,10 @@ from store.format import META_LAYOUT, SCALE_SUFFIX, decode_vectors
 INDEX_FILE = "key_index.npz"
 
 
-def shard_layout(path: str | Path) -> dict:
+def shard_layout(path: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
     """The vector layout stored in a shard's own key-value metadata."""
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(path, filesystem=filesystem).metadata or {}
     except (OSError, pa.ArrowException) as e:
         raise CacheError(f"{path} is not a readable Parquet shard ({e})") from None
     if META_LAYOUT not in meta:
@@ -46,16 +47,21 @@ def _columns(layout: dict, names: Sequence[str], where: str) -> list[str]:
 
 
 def read_shard(
-    path: str | Path, facets: Sequence[str] | None = None
+    path: str | Path,
+    facets: Sequence[str] | None = None,
+    filesystem: pafs.FileSystem | None = None,
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """A shard's keys and its vectors as float32 ``[rows, D]`` arrays, by vector name.
+    ``path`` is local, a URI (``s3://…``), or a path in ``filesystem``.
 
     >>> keys, vecs = read_shard("cache/shards/part-00000.parquet", ["main_object"])
     """
-    layout = shard_layout(path)
+    layout = shard_layout(path, filesystem)
     names = list(facets) if facets is not None else layout["vector_names"]
     try:
-        table = pq.read_table(path, columns=_columns(layout, names, str(path)))
+        table = pq.read_table(
+            path, columns=_columns(layout, names, str(path)), filesystem=filesystem
+        )
     except (OSError, pa.ArrowException) as e:
         raise CacheError(f"cannot read {path} ({e}); run `facetclip verify` on its cache") from None
     keys = table.column("key").to_pylist()
@@ -70,8 +76,9 @@ def iter_cache(
     cache: Cache | str | Path, facets: Sequence[str] | None = None
 ) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
     """(keys, vectors by name) for each finished shard of a cache, in shard order."""
-    for path in _open(cache).shard_paths:
-        yield read_shard(path, facets)
+    cache = _open(cache)
+    for path in cache.shard_paths:
+        yield read_shard(path, facets, cache.fs)
 
 
 def iter_batches(
@@ -96,7 +103,8 @@ def iter_batches(
 def _read_tables(cache: Cache, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
     for path in cache.shard_paths:
         try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+            pf = pq.ParquetFile(path, filesystem=cache.fs)
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise CacheError(
@@ -168,15 +176,15 @@ class KeyIndex:
     def load(cls, cache: Cache | str | Path) -> KeyIndex:
         """The cache's index, rebuilt (and saved, when the cache is writable) if stale."""
         cache = _open(cache)
-        path = cache.root / INDEX_FILE
+        path = cache.path(INDEX_FILE)
         stamp = cls._stamp(cache)
-        if path.is_file():
+        if cache.fs is None and path.is_file():  # persisted for local caches only
             with np.load(path) as z:
                 if str(z["stamp"]) == stamp:
                     return cls(cache, z["hashes"], z["shard"], z["row"])
         hashes, shard, row = [], [], []
         for i, p in enumerate(cache.shard_paths):
-            keys = pq.read_table(p, columns=["key"]).column("key").to_pylist()
+            keys = pq.read_table(p, columns=["key"], filesystem=cache.fs).column("key").to_pylist()
             hashes.append(key_hash(keys))
             shard.append(np.full(len(keys), i, np.int32))
             row.append(np.arange(len(keys), dtype=np.int32))
@@ -184,6 +192,8 @@ class KeyIndex:
         order = np.argsort(h, kind="stable")
         index = cls(cache, h[order], np.concatenate(shard)[order] if shard else h[:0].astype(np.int32),
                     np.concatenate(row)[order] if row else h[:0].astype(np.int32))  # fmt: skip
+        if cache.fs is not None:
+            return index
         try:
             import io
 
@@ -212,7 +222,9 @@ class KeyIndex:
                 s, r = int(self.shard[j]), int(self.row[j])
                 if s not in shard_keys:
                     shard_keys[s] = (
-                        pq.read_table(self.cache.shard_paths[s], columns=["key"])
+                        pq.read_table(
+                            self.cache.shard_paths[s], columns=["key"], filesystem=self.cache.fs
+                        )
                         .column("key")
                         .to_pylist()
                     )
@@ -238,7 +250,9 @@ class KeyIndex:
             by_shard.setdefault(s, []).append((i, r))
         for s, pairs in by_shard.items():
             table = pq.read_table(
-                self.cache.shard_paths[s], columns=_columns(layout, names, "cache")
+                self.cache.shard_paths[s],
+                columns=_columns(layout, names, "cache"),
+                filesystem=self.cache.fs,
             )
             table = table.take(pa.array([r for _, r in pairs]))
             pos = np.array([i for i, _ in pairs])

@@ -130,7 +130,8 @@ class DataConfig:
 
     images:       img2dataset output (tars, Parquet with image bytes, files), or a table of
                   key + image path (a CSV file, or a folder holding one); see the module doc.
-    cache:        the stage-one cache to join by key.
+    cache:        the stage-one cache to join by key: a folder, or a URI (s3://bucket/path).
+    cache_filesystem: a ``pyarrow.fs.FileSystem`` holding ``cache`` (default: from the URI).
     facets:       vector names, in the order of the ``text`` rows' K axis (default: all).
     image_size:   output side H = W.
     crop_scale / crop_ratio: RandomResizedCrop's area fraction and aspect-ratio ranges
@@ -147,7 +148,7 @@ class DataConfig:
     """
 
     images: Path
-    cache: Path
+    cache: Path | str
     facets: list[str] | None = None
     image_size: int = 64
     crop_scale: tuple[float, float] = (0.9, 1.0)  # FLAME: RandomResizedCrop(224, scale 0.9-1.0)
@@ -161,9 +162,11 @@ class DataConfig:
     train: bool = True
     unit_rows: int = 1024
     decode_rows: int = 64
+    cache_filesystem: Any = None
 
     def __post_init__(self) -> None:
-        self.images, self.cache = Path(self.images), Path(self.cache)
+        self.images = Path(self.images)
+        self.cache = self.cache if "://" in str(self.cache) else Path(self.cache)
         if self.image_format not in IMAGE_FORMATS:
             raise InputError(
                 f"unknown image format {self.image_format!r}; choose one of: {', '.join(IMAGE_FORMATS)}"
@@ -221,6 +224,7 @@ class JoinPlan:
     dim: int
     dtype: str
     image_reads_per_row: float = 1.0
+    cache_filesystem: Any = None  # pyarrow.fs holding cache_paths; None: local
 
 
 # --- decoding: pure, no Ray ---------------------------------------------------------------------
@@ -648,7 +652,7 @@ def _scan_cache(cache: Cache) -> pa.Table:
     parts = []
     for shard, path in enumerate(cache.shard_paths):
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, filesystem=cache.fs)
             for g in range(pf.metadata.num_row_groups):
                 keys = pf.read_row_group(g, columns=["key"]).column("key")
                 n = len(keys)
@@ -689,7 +693,7 @@ def plan_join(cfg: DataConfig) -> JoinPlan:
     Raises InputError when images and cache share no key, with a sample of each side's keys,
     and CacheError for an unreadable cache or unknown facet names.
     """
-    cache = Cache.open(cfg.cache)
+    cache = Cache.open(cfg.cache, cfg.cache_filesystem)
     layout = cache.manifest.layout
     facets = list(cfg.facets) if cfg.facets is not None else list(layout["vector_names"])
     unknown = [f for f in facets if f not in layout["vector_names"]]
@@ -751,6 +755,7 @@ def plan_join(cfg: DataConfig) -> JoinPlan:
         sources=sources,
         bytes_column=bytes_column,
         cache_paths=[str(p) for p in cache.shard_paths],
+        cache_filesystem=cache.fs,
         facets=facets,
         dim=int(layout["dim"]),
         dtype=str(layout["dtype"]),
@@ -824,6 +829,7 @@ class _ReadSpec:
     image_format: str
     sources: list[str]
     bytes_column: str | None
+    cache_filesystem: Any = None
 
 
 def _read_vectors(
@@ -835,7 +841,8 @@ def _read_vectors(
         columns += [f + SCALE_SUFFIX for f in spec.facets]
     path = spec.cache_paths[shard]
     try:
-        table = pq.ParquetFile(path).read_row_group(rg, columns=columns).take(pa.array(rows))
+        pf = pq.ParquetFile(path, filesystem=spec.cache_filesystem)
+        table = pf.read_row_group(rg, columns=columns).take(pa.array(rows))
     except (OSError, pa.ArrowException) as e:
         raise CacheError(f"cannot read {path} ({e}); run `facetclip verify` on its cache") from None
     if table.column("key").to_pylist() != keys:
@@ -936,6 +943,7 @@ def build_dataset(
         image_format=plan.image_format,
         sources=plan.sources,
         bytes_column=plan.bytes_column,
+        cache_filesystem=plan.cache_filesystem,
     )
     # The epoch's rows go to the object store once; the dataset itself is the sub-unit ids,
     # one block (one task) each, so a task reads one cache row group. (``from_arrow`` of one

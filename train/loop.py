@@ -153,7 +153,7 @@ def _data_config(cfg: TrainConfig, train: bool):
     from train.data import DataConfig
 
     return DataConfig(
-        images=Path(cfg.images), cache=Path(cfg.cache), facets=cfg.facets or None,
+        images=Path(cfg.images), cache=cfg.cache, facets=cfg.facets or None,
         image_size=cfg.data.image_size, crop_scale=tuple(cfg.data.crop_scale), seed=cfg.seed,
         image_format=cfg.data.image_format, train=train,
     )  # fmt: skip
@@ -162,16 +162,9 @@ def _data_config(cfg: TrainConfig, train: bool):
 def init_ray(cfg: TrainConfig) -> None:
     """Join ``run.ray_address``, or start a local Ray with more logical CPUs than the workers
     take, so Ray Data's decode tasks are not starved behind the training workers."""
-    import ray
+    from embed.distributed import init_ray as join_or_start
 
-    if ray.is_initialized():
-        return
-    if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, log_to_driver=False)
-        return
-    need = cfg.run.workers * cfg.run.cpus_per_worker
-    ray.init(num_cpus=max(4, need + 2), include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level="WARNING")  # fmt: skip
+    join_or_start(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker)
 
 
 def train(

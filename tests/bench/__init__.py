@@ -1,6 +1,7 @@
 """Speed benchmarks, run by ``make bench`` (``python -m tests.bench [--quick] [--only NAME]``).
 
-A benchmark is a module with ``run(quick: bool) -> Report``; adding one is one line in
+A benchmark is a module with ``run(quick: bool) -> Report`` (or a list of them, printed in
+order); adding one is one line in
 ``BENCHMARKS``. Benchmarks report against their targets (PASS / MISS); they never fail the
 build, because timings on a shared machine are evidence, not a verdict.
 """

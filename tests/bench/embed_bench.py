@@ -26,11 +26,20 @@ what the forward passes process (sum over batches of rows x longest row, padding
 ``speedup / ideal`` below 1 means a packed row costs more per token than a plain one: a
 longer attention span, the dense [B, 1, L, L] float mask, or batch building in Python.
 
+Second, side by side: stage one's end-to-end rate with ``--engines 1`` (in process, no Ray,
+torch on every core) and ``--engines 2`` (two hf engine actors on a local Ray, one CPU and one
+torch thread each), on the same captions and model, alternating which goes first; each run is
+a fresh cache, so the time includes reading the input, loading the model into each actor and
+writing the shards (Ray itself is started once, before timing). Both caches must be equal.
+
+    ratio = captions/s with 2 engines / captions/s with 1 engine
+
     python -m tests.bench --only embed [--quick]
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -39,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from embed.engine import EngineConfig
@@ -356,5 +367,131 @@ def report(res: EmbedBenchResult) -> Report:
     return Report(title, table, targets, notes)
 
 
-def run(quick: bool = False) -> Report:
-    return report(measure(QUICK if quick else FULL))
+# --- 1 engine vs 2 engine actors ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnginesBenchConfig:
+    """``facetclip embed --engines N`` for each N in ``engines``, on the benchmark's model."""
+
+    n_captions: int = 1024
+    shard_rows: int = 64
+    repeats: int = 2
+    engines: tuple[int, ...] = (1, 2)
+    model: EmbedBenchConfig = FULL  # model size, recipe and seed (model=None: build it)
+
+
+ENGINES_FULL = EnginesBenchConfig()
+ENGINES_QUICK = EnginesBenchConfig(n_captions=256, shard_rows=32, repeats=1, model=QUICK)
+
+
+@dataclass
+class EnginesBenchResult:
+    config: EnginesBenchConfig
+    seconds: dict[int, list[float]]  # engines -> wall seconds of each repeat
+    caches_equal: bool  # every engine count wrote the same rows and vectors
+
+    def captions_per_s(self, engines: int) -> float:
+        return self.config.n_captions / statistics.median(self.seconds[engines])
+
+    @property
+    def ratio(self) -> float:
+        lo, hi = min(self.config.engines), max(self.config.engines)
+        return self.captions_per_s(hi) / self.captions_per_s(lo)
+
+
+def write_captions(path: Path, n: int, seed: int) -> Path:
+    """``n`` synthetic long captions as a Parquet input of ``facetclip embed``."""
+    from eval.synth import iter_samples
+
+    samples = list(iter_samples(n, seed=seed, start=100_000))
+    pq.write_table(
+        pa.table(
+            {"key": [s.key for s in samples], "long_caption": [s.long_caption for s in samples]}
+        ),
+        path,
+    )
+    return path
+
+
+def _cache_rows(root: Path) -> pa.Table:
+    from store.cache import Cache
+
+    cache = Cache.open(root)
+    tables = [pq.read_table(p).replace_schema_metadata(None) for p in cache.shard_paths]
+    return pa.concat_tables(tables).sort_by("key")
+
+
+def measure_engines(cfg: EnginesBenchConfig = ENGINES_FULL) -> EnginesBenchResult:
+    """Time ``run_embed`` with each engine count, alternating the order across repeats."""
+    import ray
+
+    from embed.distributed import init_ray
+    from embed.pipeline import EmbedConfig, run_embed
+
+    seconds: dict[int, list[float]] = {n: [] for n in cfg.engines}
+    tables: dict[int, pa.Table] = {}
+    with tempfile.TemporaryDirectory(prefix="facetclip-bench-") as tmp:
+        m = cfg.model
+        model = Path(m.model) if m.model else build_model(Path(tmp) / "model", m)
+        captions = write_captions(Path(tmp) / "captions.parquet", cfg.n_captions, m.seed)
+        started = init_ray(None, max(cfg.engines))  # once: a cluster outlives many runs
+        try:
+            for r in range(cfg.repeats):
+                for n in cfg.engines if r % 2 == 0 else cfg.engines[::-1]:
+                    out = Path(tmp) / f"cache-{n}-{r}"
+                    summary = run_embed(
+                        EmbedConfig(
+                            captions,
+                            str(model),
+                            out,
+                            recipe=m.recipe,
+                            engine="hf",
+                            compute_dtype="float32",
+                            device="cpu",
+                            shard_rows=cfg.shard_rows,
+                            token_budget=m.token_budget,
+                            engines=n,
+                        ),  # fmt: skip
+                        progress=False,
+                    )
+                    assert summary.rows == cfg.n_captions
+                    seconds[n].append(summary.seconds)
+                    tables.setdefault(n, _cache_rows(out))
+        finally:
+            if started:
+                ray.shutdown()
+    first = tables[cfg.engines[0]]
+    return EnginesBenchResult(cfg, seconds, all(t.equals(first) for t in tables.values()))
+
+
+def report_engines(res: EnginesBenchResult) -> Report:
+    cfg = res.config
+    header = [""] + [f"{n} engine{'s' if n > 1 else ''}" for n in cfg.engines]
+    table = [
+        header,
+        ["captions/s", *(f"{res.captions_per_s(n):,.1f}" for n in cfg.engines)],
+        ["median seconds", *(f"{statistics.median(res.seconds[n]):.2f}" for n in cfg.engines)],
+        ["all seconds", *(" ".join(f"{s:.2f}" for s in res.seconds[n]) for n in cfg.engines)],
+        ["where", *("in process" if n == 1 else f"{n} Ray actors" for n in cfg.engines)],
+    ]
+    lo, hi = min(cfg.engines), max(cfg.engines)
+    notes = [
+        f"ratio ({hi} engines / {lo}): {res.ratio:.2f}x on {os.cpu_count()} cores; "
+        f"{lo} engine: torch threads {torch.get_num_threads()}, each actor: 1 thread",
+        "times include input, model load per engine and shard writes; Ray started beforehand",
+    ]
+    title = (
+        f"embed --engines: {cfg.model.recipe} on {cfg.n_captions} synthetic long captions, "
+        f"shards of {cfg.shard_rows}, untrained Llama {cfg.model.num_layers} layers x hidden "
+        f"{cfg.model.hidden_size}, hf float32 cpu, median of {cfg.repeats}"
+    )
+    targets = [Target("caches equal across engine counts", float(res.caches_equal), 1.0, digits=0)]
+    return Report(title, table, targets, notes)
+
+
+def run(quick: bool = False) -> list[Report]:
+    return [
+        report(measure(QUICK if quick else FULL)),
+        report_engines(measure_engines(ENGINES_QUICK if quick else ENGINES_FULL)),
+    ]
