@@ -313,6 +313,7 @@ def trial_configs(
             checked[key] = check_config(c)
         else:
             c.validate()
+            c.facets = c.facets or list(checked[key]["vector_names"])
         configs[t.name] = c
     return configs
 
