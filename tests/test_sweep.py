@@ -190,6 +190,7 @@ def ray_shutdown():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_a_2x2_sweep_makes_four_run_directories_and_a_ranked_leaderboard(
     data, tmp_path, ray_shutdown
 ):

@@ -524,10 +524,11 @@ def _run_tune(cfg: SweepConfig, todo: list[Trial], configs: dict, out: Path, pro
     errors = {}
     for result in grid:
         if result.error is not None:
-            message = str(result.error).strip().splitlines()
-            errors[result.config["trial"]] = (
-                message[-1] if message else type(result.error).__name__
-            )[:300]
+            # Tune wraps the trial's exception with its traceback; the leaderboard wants the
+            # exception's own first line
+            cause = getattr(result.error, "cause", None) or result.error
+            first = (str(cause).strip().splitlines() or [""])[0]
+            errors[result.config["trial"]] = f"{type(cause).__name__}: {first}"[:200]
     return concurrency, errors
 
 
