@@ -445,12 +445,16 @@ def train_cmd(
 def sweep(
     config: Annotated[
         Path,
-        typer.Option(help="A sweep.toml: [base], [search], [sweep], [eval.NAME] (see README)."),
+        typer.Option(
+            help="A sweep.toml: \\[base], \\[search], \\[sweep], \\[eval.NAME] (see README)."
+        ),
     ],
     out: Annotated[
         Path, typer.Option(help="Sweep directory: runs/<trial>/, tune/, leaderboard.md/.png.")
     ],
-    images: Annotated[Path | None, typer.Option(help="Images (default: images in [base]).")] = None,
+    images: Annotated[
+        Path | None, typer.Option(help="Images (default: images in \\[base]).")
+    ] = None,
     cache: Annotated[
         Path | None, typer.Option(help="The one cache every trial trains against.")
     ] = None,
