@@ -64,6 +64,12 @@ GOALS = ("max", "min")
 DISTRIBUTIONS = ("loguniform", "uniform", "randint")
 # Training metrics a sweep can rank by: the last row of a run's metrics.jsonl.
 TRAIN_METRICS = ("loss", "loss_i2t", "loss_t2i", "logit_scale", "logit_bias", "images_per_s")
+# What each eval task reports that a sweep can rank by (eval.metrics; XM3600's per-language
+# numbers are nested and not rankable here).
+EVAL_METRICS = {
+    "retrieval": tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+    "zeroshot": ("top1", "top5"),
+}
 # Fields a trial must not vary: one sweep, one cache and image set, one output tree.
 FIXED = ("images", "cache", "out", "run.ray_address")
 RESULT_FILE = "sweep_result.json"
@@ -136,6 +142,10 @@ class SweepConfig:
         TrainConfig (``trial_configs``)."""
         from eval.evaluate import EvalConfig
 
+        for name in ("num_samples", "seed", "max_concurrent"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise InputError(f"[sweep] {name} must be an integer; got {value!r}")
         if self.mode not in MODES:
             raise InputError(f"[sweep] mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.goal is not None and self.goal not in GOALS:
@@ -154,6 +164,10 @@ class SweepConfig:
             if key in FIXED:
                 raise InputError(
                     f"[search] {key}: a sweep trains every trial on the same {key}; set it once"
+                )
+            if not isinstance(space, list | dict):
+                raise InputError(
+                    f"[search] {key}: expected a list of values or a distribution table, got {space!r}"
                 )
             if isinstance(space, list):
                 if not space:
@@ -195,6 +209,11 @@ class SweepConfig:
             raise InputError(
                 f"[sweep] metric {self.metric!r} names the eval {evals!r}, but there is no [eval.{evals}]"
                 + (f" (there is: {', '.join(self.evals)})" if self.evals else "")
+            )
+        if key and key not in EVAL_METRICS.get(self.evals[evals]["task"], (key,)):
+            task = self.evals[evals]["task"]
+            raise InputError(
+                f"[sweep] metric {self.metric!r}: a {task} eval reports {', '.join(EVAL_METRICS[task])}"
             )
         if not key and self.metric not in TRAIN_METRICS:
             raise InputError(
