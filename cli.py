@@ -542,6 +542,55 @@ def train_cmd(
     console.print(t)
 
 
+@app.command()
+@user_errors
+def sweep(
+    config: Annotated[
+        Path,
+        typer.Option(
+            help="A sweep.toml: \\[base], \\[search], \\[sweep], \\[eval.NAME] (see README)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Sweep directory: runs/<trial>/, tune/, leaderboard.md/.png.")
+    ],
+    images: Annotated[
+        Path | None, typer.Option(help="Images (default: images in \\[base]).")
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="The one cache every trial trains against.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over in OUT (default: continue its unfinished trials).")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show Ray Tune's trial table.")] = True,
+) -> None:
+    """Several training runs against one cache on Ray Tune (grid or random search), each a
+    normal run directory, and a leaderboard ranked by a training or held-out eval metric.
+
+    Example: facetclip sweep --cache cache/flame --images data/synth/images --config sweep.toml --out sweeps/s1
+    """
+    _quiet_libraries()
+    from train.sweep import SweepConfig
+    from train.sweep import sweep as run_sweep
+
+    cfg = SweepConfig.from_toml(config)
+    r = run_sweep(cfg, out, images=images or "", cache=cache or "", overwrite=overwrite,
+                  progress=progress)  # fmt: skip
+    t = Table(title=f"sweep -> {r.out}: {cfg.metric} ({cfg.direction})")
+    for col in ("rank", "trial", cfg.metric):
+        t.add_column(col)
+    for row in r.ranked:
+        value = f"{row['value']:.4f}" if row["rank"] else f"failed: {row.get('error', '')}"
+        t.add_row(str(row["rank"] or "-"), row["name"], value)
+    console.print(t)
+    finished = len(r.ranked) - len(r.ran)
+    console.print(
+        f"{len(r.ran)} trial(s) run ({r.concurrency} at a time), {finished} finished before; "
+        f"{r.seconds:.0f} s. Leaderboard: {', '.join(str(f) for f in r.files)}"
+    )
+
+
 @app.command("eval")
 @user_errors
 def eval_cmd(

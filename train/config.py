@@ -118,23 +118,35 @@ class TrainConfig:
 
     def override(self, assignments: list[str]) -> TrainConfig:
         """Apply ``--set section.field=value`` overrides (values parsed as TOML, else strings)."""
-        d = self.to_dict()
+        values = {}
         for a in assignments:
             if "=" not in a:
                 raise InputError(f"--set expects FIELD=VALUE (e.g. optim.lr=1e-3), got {a!r}")
             path, raw = a.split("=", 1)
             try:
-                value = tomllib.loads(f"v = {raw}")["v"]
+                values[path.strip()] = tomllib.loads(f"v = {raw}")["v"]
             except tomllib.TOMLDecodeError:
-                value = raw
-            node = d
+                values[path.strip()] = raw
+        return self.assign(values)
+
+    def assign(self, values: dict, source: str = "--set") -> TrainConfig:
+        """A copy with dotted fields set (``{"optim.lr": 1e-3}``); an unknown field is an
+        InputError naming it and ``source`` (``--set``, or a sweep.toml table). Inside a
+        free-form table (``model.tower_kwargs``) any key goes."""
+        d = self.to_dict()
+        for path, value in values.items():
+            node, section = d, self
             parts = path.strip().split(".")
             for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise InputError(f"--set {path}: {p!r} is not a config section")
-                node = node[p]
-            if parts[-1] not in node:
-                raise InputError(f"--set {path}: unknown field; known: {', '.join(sorted(node))}")
+                child = getattr(section, p, None) if section is not None else node.get(p, {})
+                if not (is_dataclass(child) or isinstance(child, dict)):
+                    raise InputError(f"{source} {path}: {p!r} is not a config section")
+                node = node.setdefault(p, {})
+                section = child if is_dataclass(child) else None
+            if section is not None and parts[-1] not in node:
+                raise InputError(
+                    f"{source} {path}: unknown field; known: {', '.join(sorted(node))}"
+                )
             node[parts[-1]] = value
         return TrainConfig.from_dict(d)
 

@@ -57,10 +57,7 @@ def prepare_run(
     cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 ) -> tuple[TrainConfig, dict]:
     """Every check that needs no Ray; returns the config to run and the facts workers need."""
-    from store.cache import Cache
     from train.data import plan_join
-    from train.losses import validate_loss_config
-    from train.model import build_model
 
     run = Path(cfg.out)
     if resume:
@@ -77,19 +74,7 @@ def prepare_run(
             raise InputError(
                 f"{run} exists and is not empty; choose another --out or pass --overwrite"
             )
-    cfg.validate()
-
-    cache = Cache.open(cfg.cache)
-    layout = cache.manifest.layout
-    facets = cfg.facets or list(layout["vector_names"])
-    unknown = [f for f in facets if f not in layout["vector_names"]]
-    if unknown:
-        raise InputError(
-            f"facets {unknown} are not in the cache {cfg.cache}; it has {layout['vector_names']}"
-        )
-    cfg.facets = facets
-    validate_loss_config(cfg.loss, cfg.num_facets, len(facets), cfg.facet_mode)
-    build_model(cfg.model, layout["dim"])  # unknown timm name, bad head: fail here, not in a worker
+    layout = check_config(cfg)
     plan = plan_join(_data_config(cfg, train=True))  # InputError when images and cache share no key
 
     facts = {
@@ -99,7 +84,7 @@ def prepare_run(
         "plan": plan,
     }
     if cfg.model.center_text:
-        facts["facet_means"] = facet_means(cfg.cache, facets).tolist()
+        facts["facet_means"] = facet_means(cfg.cache, cfg.facets).tolist()
     run.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
         import shutil
@@ -122,6 +107,27 @@ def prepare_run(
     )
     (run / NAN_FILE).unlink(missing_ok=True)
     return cfg, facts
+
+
+def check_config(cfg: TrainConfig) -> dict:
+    """The checks that need the cache's layout only (config, facets, loss, tower and heads);
+    fills ``cfg.facets`` and returns the layout. A sweep runs them for every trial up front."""
+    from store.cache import Cache
+    from train.losses import validate_loss_config
+    from train.model import build_model
+
+    cfg.validate()
+    layout = Cache.open(cfg.cache).manifest.layout
+    facets = cfg.facets or list(layout["vector_names"])
+    unknown = [f for f in facets if f not in layout["vector_names"]]
+    if unknown:
+        raise InputError(
+            f"facets {unknown} are not in the cache {cfg.cache}; it has {layout['vector_names']}"
+        )
+    cfg.facets = facets
+    validate_loss_config(cfg.loss, cfg.num_facets, len(facets), cfg.facet_mode)
+    build_model(cfg.model, layout["dim"])  # unknown timm name, bad head: fail here, not in a worker
+    return layout
 
 
 def facet_means(cache: str | Path, facets: list[str]) -> np.ndarray:
@@ -159,12 +165,13 @@ def _data_config(cfg: TrainConfig, train: bool):
     )  # fmt: skip
 
 
-def init_ray(cfg: TrainConfig) -> None:
+def init_ray(cfg: TrainConfig, num_cpus: int | None = None) -> None:
     """Join ``run.ray_address``, or start a local Ray with more logical CPUs than the workers
-    take, so Ray Data's decode tasks are not starved behind the training workers."""
+    take, so Ray Data's decode tasks are not starved behind the training workers (a sweep
+    passes ``num_cpus`` for its concurrent runs). Inside a Ray task (a Tune trial) Ray is up."""
     from embed.distributed import init_ray as join_or_start
 
-    join_or_start(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker)
+    join_or_start(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker, num_cpus)
 
 
 def train(
