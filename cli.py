@@ -653,7 +653,9 @@ def demo(
     llm_steps: Annotated[
         int | None, typer.Option(min=0, help="tiny-llm pre-training steps (default: its own).")
     ] = None,
-    steps: Annotated[int, typer.Option(min=10, help="Training steps per run.")] = 300,
+    steps: Annotated[
+        int | None, typer.Option(min=10, help="Training steps per run (default: 500).")
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, max=8, help="Ray Train workers.")] = 2,
     compare: Annotated[
         bool, typer.Option(help="Also train on recipes prompteol and llm2clip and compare.")
@@ -669,8 +671,10 @@ def demo(
     _quiet_libraries()
     from eval.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, steps=steps, workers=workers,
+    cfg = DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, workers=workers,
                      compare=compare, overwrite=overwrite)  # fmt: skip
+    if steps is not None:
+        cfg.steps = steps
     run_demo(cfg, console)
 
 

@@ -19,9 +19,12 @@ from rich.table import Table
 
 from store.errors import InputError
 
-# A small ViT that trains in about a minute and a half on 2 CPU cores at 64 px.
-DEMO_TOWER = "vit_tiny_patch16_224"
-DEMO_TOWER_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4}
+# A small ResNet (4.9M parameters) from scratch at 64 px: about 1.5 minutes on 2 CPU cores
+# for 500 steps. A tiny ViT (4 blocks, width 128) was tried first: at the same budget it
+# learned almost nothing (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from
+# scratch need far more steps than a convolution's built-in locality does.
+DEMO_TOWER = "resnet10t"
+DEMO_TOWER_KWARGS: dict = {}
 COMPARE = ("flame", "prompteol", "llm2clip")
 
 
@@ -31,7 +34,7 @@ class DemoConfig:
     n: int = 2000
     seed: int = 0
     llm_steps: int | None = None  # None: tiny-llm's default pre-training
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 64
     workers: int = 2
     compare: bool = True
@@ -58,7 +61,7 @@ def _train_config(cfg: DemoConfig, data: Path, cache: Path, run: Path, recipe: s
     t.model.tower, t.model.tower_kwargs = DEMO_TOWER, dict(DEMO_TOWER_KWARGS)
     t.model.center_text = True  # the small LM's vectors sit in a narrow cone (see inspect)
     t.data.image_size = 64
-    t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay = 1e-3, 30, 0.05
+    t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay = 3e-3, 30, 0.05
     t.run.workers, t.run.log_every, t.run.checkpoint_every = cfg.workers, 25, cfg.steps
     return t
 

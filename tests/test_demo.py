@@ -1,0 +1,72 @@
+"""`facetclip demo` end to end at toy sizes: every step runs, the report holds what it says."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from eval.demo import COMPARE, EVALS, DemoConfig, run_demo
+from store.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    # Untrained LM and a few steps: this checks the plumbing, not the figures (the README
+    # and the closing notes hold those of a full-size run).
+    cfg = DemoConfig(out=out, n=200, llm_steps=0, steps=10, batch_size=16, workers=1)
+    return cfg, run_demo(cfg)
+
+
+@pytest.mark.slow
+def test_demo_runs_every_step_and_reports_against_chance(demo):
+    cfg, report = demo
+    assert set(report.results) == set(COMPARE)
+    assert set(report.results["flame"]) == {name for name, _, _ in EVALS}
+    for recipe, results in report.results.items():
+        retrieval = results["retrieval"]
+        # one caption per held-out image: chance R@1 is 1 / images, both directions
+        images = retrieval.counts["images"]
+        assert images == 200
+        assert retrieval.chance["i2t_R@1"] == pytest.approx(1 / images)
+        assert retrieval.chance["t2i_R@1"] == pytest.approx(1 / images)
+        zs = results["zeroshot_shape"]
+        assert zs.chance["top1"] == pytest.approx(1 / zs.counts["classes"])
+        # every eval left its JSON in the run, with the same figures the report shows
+        for name, r in results.items():
+            saved = json.loads((cfg.out / "runs" / recipe / "eval" / f"{name}.json").read_text())
+            assert saved["metrics"]["top1" if r.task == "zeroshot" else "i2t_R@1"] == pytest.approx(
+                r.metrics["top1" if r.task == "zeroshot" else "i2t_R@1"]
+            )
+
+    md = (cfg.out / "REPORT.md").read_text()
+    assert md.startswith("# facetclip demo")
+    flame = report.results["flame"]["retrieval"]
+    v, c = flame.metrics["i2t_R@1"], flame.chance["i2t_R@1"]
+    assert f"| retrieval | i2t_R@1 | {v:.3f} | {c:.3f} | {v / c:.1f} |" in md
+    for recipe in COMPARE:
+        assert f"| {recipe} |" in md
+    # every path the report lists exists
+    for path in report.paths.values():
+        assert path.exists(), path
+
+
+@pytest.mark.slow
+def test_demo_caches_hold_every_training_caption(demo):
+    cfg, _ = demo
+    captions = pd.read_parquet(cfg.out / "data" / "captions.parquet")
+    labels = pd.read_parquet(cfg.out / "data" / "labels.parquet")
+    assert len(captions) == cfg.n
+    for recipe in COMPARE:
+        keys = pd.read_parquet(cfg.out / "cache" / recipe / "shards", columns=["key"])["key"]
+        assert sorted(keys) == sorted(captions["key"])  # failed images still have captions
+    assert set(labels.loc[labels["split"] == "train", "key"]) == set(captions["key"])
+
+
+def test_demo_refuses_a_non_empty_out_without_overwrite(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="--overwrite"):
+        run_demo(DemoConfig(out=tmp_path))
+    assert (tmp_path / "keep.txt").exists()
