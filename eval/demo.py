@@ -147,9 +147,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
         report.paths[f"run ({recipe})"] = run
         _print_results(console, recipe, report.results[recipe])
 
-    md = final_report(report, cfg)
-    (out / "REPORT.md").write_text(md)
     report.paths["report"] = out / "REPORT.md"
+    md = final_report(report, cfg)
+    report.paths["report"].write_text(md)
     console.rule("[bold]summary")
     console.print(md, highlight=False)
     return report

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from eval.demo import COMPARE, EVALS, DemoConfig, run_demo
+from eval.demo import COMPARE, EVALS, DemoConfig, final_report, run_demo
 from store.errors import InputError
 
 
@@ -42,7 +42,7 @@ def test_demo_runs_every_step_and_reports_against_chance(demo):
             )
 
     md = (cfg.out / "REPORT.md").read_text()
-    assert md.startswith("# facetclip demo")
+    assert md == final_report(report, cfg)
     flame = report.results["flame"]["retrieval"]
     v, c = flame.metrics["i2t_R@1"], flame.chance["i2t_R@1"]
     assert f"| retrieval | i2t_R@1 | {v:.3f} | {c:.3f} | {v / c:.1f} |" in md
