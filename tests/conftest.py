@@ -49,3 +49,26 @@ def synth_data(tmp_path_factory):
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_across_modules():
+    """Each test module starts and ends without a Ray in this process: ``train()`` leaves the
+    Ray it started running (the demo reuses it across runs), and a module that starts its own
+    (``ray_session``) or sizes a local one (sweeps) must not find another module's."""
+    yield
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for one module, with more logical CPUs than this machine's 2 cores."""
+    import ray
+
+    ray.shutdown()  # a no-op unless something in this module started one
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -66,15 +66,6 @@ def reference(tmp_path_factory, synth_data, tiny_model):
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def test_two_engines_write_the_cache_of_one(
     tmp_path, synth_data, tiny_model, reference, ray_session
 ):

@@ -42,15 +42,6 @@ def data(tmp_path_factory, tiny_model):
     return synth, cache
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def config(data, out: Path, **kw) -> TrainConfig:
     synth, cache = data
     cfg = TrainConfig(

@@ -63,13 +63,10 @@ def data(tmp_path_factory, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_data_session(ray_session):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def cache_vectors(cache: Path) -> dict[str, np.ndarray]:
@@ -101,7 +98,7 @@ def normalised(jpeg: bytes, cfg: DataConfig) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_rows_carry_the_cache_vectors_of_their_key(data, ray_session, fmt):
+def test_rows_carry_the_cache_vectors_of_their_key(data, ray_data_session, fmt):
     root, cache = data
     labels = pd.read_parquet(root / fmt / "labels.parquet").query("split == 'train'")
     ok = labels[~labels["failed"]]["key"].tolist()
@@ -127,7 +124,7 @@ def test_rows_carry_the_cache_vectors_of_their_key(data, ray_session, fmt):
         np.testing.assert_allclose(r["image"], normalised(jpegs[r["key"]], cfg), atol=1e-5)
 
 
-def test_same_seed_same_order_and_pixels(data, ray_session):
+def test_same_seed_same_order_and_pixels(data, ray_data_session):
     root, cache = data
     cfg = DataConfig(root / "webdataset" / "images", cache, seed=3, unit_rows=8, decode_rows=5)
     plan = plan_join(cfg)
@@ -153,7 +150,7 @@ def test_same_seed_same_order_and_pixels(data, ray_session):
     assert all(np.array_equal(p0[k], pixels[k]) for k in k0)
 
 
-def test_unreadable_images_are_invalid_rows_not_errors(data, ray_session, tmp_path):
+def test_unreadable_images_are_invalid_rows_not_errors(data, ray_data_session, tmp_path):
     """A CSV of key + path: a corrupt file and a missing one arrive as valid=False rows."""
     root, cache = data
     jpegs = stored_jpegs(root, "webdataset")
