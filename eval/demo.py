@@ -19,7 +19,7 @@ from rich.table import Table
 
 from store.errors import InputError
 
-# A small ResNet (4.9M parameters) from scratch at 64 px: about 1.5 minutes on 2 CPU cores
+# A small ResNet (4.9M parameters) from scratch at 64 px: about 2.3 minutes on 2 CPU cores
 # for 500 steps. A tiny ViT (4 blocks, width 128) was tried first: at the same budget it
 # learned almost nothing (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from
 # scratch need far more steps than a convolution's built-in locality does.
