@@ -51,6 +51,27 @@ def synth_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, tiny_model):
+    """(synth folder, flame-long cache) at 32 px for stage-two runs of a few steps; read-only."""
+    from embed.pipeline import EmbedConfig, run_embed
+    from eval.synth import SynthConfig, write_synth
+
+    root = tmp_path_factory.mktemp("train-data")
+    synth = root / "synth"
+    write_synth(
+        synth,
+        SynthConfig(n=96, seed=1, image_size=32, n_retrieval=8, n_zeroshot_per_class=1),
+        progress=False,
+    )
+    cache = root / "cache"
+    run_embed(
+        EmbedConfig(synth / "captions.parquet", str(tiny_model), cache, recipe="flame-long"),
+        progress=False,
+    )
+    return synth, cache
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _no_ray_across_modules():
     """Each test module starts and ends without a Ray in this process: ``train()`` leaves the

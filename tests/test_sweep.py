@@ -11,8 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from embed.pipeline import EmbedConfig, run_embed
-from eval.synth import SynthConfig, write_synth
 from store.errors import InputError
 from train.sweep import (
     SweepConfig,
@@ -27,20 +25,8 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_h
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("sweep")
-    synth = root / "synth"
-    write_synth(
-        synth,
-        SynthConfig(n=96, seed=1, image_size=32, n_retrieval=8, n_zeroshot_per_class=1),
-        progress=False,
-    )
-    cache = root / "cache"
-    run_embed(
-        EmbedConfig(synth / "captions.parquet", str(tiny_model), cache, recipe="flame-long"),
-        progress=False,
-    )
-    return synth, cache
+def data(train_data):
+    return train_data
 
 
 def sweep_toml(synth: Path) -> str:

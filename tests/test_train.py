@@ -26,20 +26,8 @@ TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_h
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tiny_model):
-    root = tmp_path_factory.mktemp("train")
-    synth = root / "synth"
-    write_synth(
-        synth,
-        SynthConfig(n=96, seed=1, image_size=32, n_retrieval=8, n_zeroshot_per_class=1),
-        progress=False,
-    )
-    cache = root / "cache"
-    run_embed(
-        EmbedConfig(synth / "captions.parquet", str(tiny_model), cache, recipe="flame-long"),
-        progress=False,
-    )
-    return synth, cache
+def data(train_data):
+    return train_data
 
 
 def config(data, out: Path, **kw) -> TrainConfig:
