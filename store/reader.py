@@ -23,6 +23,7 @@ from store.errors import CacheError
 from store.format import META_LAYOUT, SCALE_SUFFIX, decode_vectors
 
 INDEX_FILE = "key_index.npz"
+MEANS_FILE = "vector_means.npz"
 
 
 def shard_layout(path: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
@@ -168,16 +169,12 @@ class KeyIndex:
         self.cache = cache
         self.hashes, self.shard, self.row = hashes, shard, row
 
-    @staticmethod
-    def _stamp(cache: Cache) -> str:
-        return hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest()
-
     @classmethod
     def load(cls, cache: Cache | str | Path) -> KeyIndex:
         """The cache's index, rebuilt (and saved, when the cache is writable) if stale."""
         cache = _open(cache)
         path = cache.path(INDEX_FILE)
-        stamp = cls._stamp(cache)
+        stamp = manifest_stamp(cache)
         if cache.fs is None and path.is_file():  # persisted for local caches only
             with np.load(path) as z:
                 if str(z["stamp"]) == stamp:
@@ -259,3 +256,54 @@ class KeyIndex:
             for n in names:
                 out[n][pos] = decode_vectors(table, n, layout["dtype"])
         return out
+
+
+def manifest_stamp(cache: Cache) -> str:
+    """A digest of the finished shards: files derived from the cache (the key index, the
+    vector means) are valid while it is unchanged."""
+    return hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest()
+
+
+def vector_means(cache: Cache | str | Path, names: Sequence[str] | None = None) -> np.ndarray:
+    """[K, D] float32: the mean over all rows of each named vector (default: all), in ``names``
+    order. Computed once per cache state in one streaming pass and saved beside the manifest
+    (local caches), so every training run of a cache reuses it.
+
+    Why it exists: LLM hidden states are anisotropic and each facet prompt has its own cone;
+    subtracting the mean leaves what distinguishes the captions (``center_text``).
+    """
+    cache = _open(cache)
+    layout = cache.manifest.layout
+    names = list(names) if names is not None else list(layout["vector_names"])
+    _columns(layout, names, str(cache.root))  # CacheError for unknown names
+    stamp = manifest_stamp(cache)
+    path = cache.path(MEANS_FILE)
+    stored: dict[str, np.ndarray] = {}
+    if cache.fs is None and path.is_file():
+        try:
+            with np.load(path) as z:
+                if str(z["stamp"]) == stamp:
+                    stored = {k: z[k] for k in z.files if k != "stamp"}
+        except (OSError, ValueError, KeyError):  # a damaged file is recomputed, never trusted
+            stored = {}
+    todo = [n for n in names if n not in stored]
+    if todo:
+        total = {n: np.zeros(layout["dim"], np.float64) for n in todo}
+        rows = 0
+        for keys, vecs in iter_batches(cache, todo):
+            for n in todo:
+                total[n] += vecs[n].sum(axis=0, dtype=np.float64)
+            rows += len(keys)
+        if not rows:
+            raise CacheError(f"cache {cache.root} has no rows")
+        stored.update({n: (total[n] / rows).astype(np.float32) for n in todo})
+        if cache.fs is None:
+            try:
+                import io
+
+                buf = io.BytesIO()
+                np.savez(buf, stamp=np.array(stamp), **stored)
+                atomic_write_bytes(path, buf.getvalue())
+            except OSError:  # a read-only cache still gets its means, just not saved
+                pass
+    return np.stack([stored[n] for n in names])

@@ -2,9 +2,9 @@
 
 ```
 RUN/model/
-  model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text mean
+  model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text_mean
+                      (center_text's offset: encode_text subtracts it, as in training)
   tower.safetensors   the tower alone, a plain timm state dict (timm.create_model(...).load_state_dict)
-  facet_means.safetensors   with center_text: each trained facet's mean cached vector [K, D]
   config.json         model config, text_dim, image preprocessing, the cache's recipe and facets
 ```
 
@@ -81,17 +81,10 @@ def _image_norm() -> tuple[tuple, tuple]:
 class TrainedModel:
     """A loaded export: ``encode_image`` and ``encode_text`` on the CPU or a GPU."""
 
-    def __init__(
-        self,
-        model: FacetCLIP,
-        meta: dict,
-        device: str = "cpu",
-        facet_means: np.ndarray | None = None,
-    ):
+    def __init__(self, model: FacetCLIP, meta: dict, device: str = "cpu"):
         self.model = model.to(device).eval()
         self.meta = meta
         self.device = torch.device(device)
-        self.facet_means = facet_means  # [K, D] in ``facets`` order, or None
 
     @property
     def facets(self) -> list[str]:
@@ -108,11 +101,8 @@ class TrainedModel:
     @torch.no_grad()
     def encode_text(self, vectors) -> np.ndarray:
         """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors (a center_text
-        model first subtracts the same offset training did)."""
-        v = np.asarray(vectors, dtype=np.float32)
-        if self.facet_means is not None:
-            v = v - self.facet_means.mean(axis=0)
-        v = torch.as_tensor(v, device=self.device)
+        model subtracts its ``text_mean`` buffer inside, exactly as in training)."""
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
         return self.model.encode_text(v).float().cpu().numpy()
 
     def preprocess(self, images) -> np.ndarray:
@@ -135,6 +125,4 @@ def load(path: str | Path, device: str = "cpu") -> TrainedModel:
     meta = json.loads((path / "config.json").read_text())
     model = build_model(ModelConfig(**meta["model"]), meta["text_dim"])
     model.load_state_dict(load_file(path / "model.safetensors"))
-    means = path / "facet_means.safetensors"
-    facet_means = load_file(means)["means"].numpy() if means.is_file() else None
-    return TrainedModel(model, meta, device, facet_means)
+    return TrainedModel(model, meta, device)
