@@ -41,10 +41,13 @@ def _columns(layout: dict, names: Sequence[str], where: str) -> list[str]:
     unknown = [n for n in names if n not in layout["vector_names"]]
     if unknown:
         raise CacheError(f"{where} has no vector(s) {unknown}; it has {layout['vector_names']}")
-    columns = ["key", *names]
-    if layout["dtype"] == "int8":
-        columns += [n + SCALE_SUFFIX for n in names]
-    return columns
+    return _vector_columns(names, layout["dtype"])
+
+
+def _vector_columns(names: Sequence[str], dtype: str) -> list[str]:
+    """The Parquet columns holding vectors ``names`` and the key (int8 adds its scales)."""
+    scales = [n + SCALE_SUFFIX for n in names] if dtype == "int8" else []
+    return ["key", *names, *scales]
 
 
 def read_shard(
@@ -307,3 +310,58 @@ def vector_means(cache: Cache | str | Path, names: Sequence[str] | None = None) 
             except OSError:  # a read-only cache still gets its means, just not saved
                 pass
     return np.stack([stored[n] for n in names])
+
+
+def key_locations(cache: Cache | str | Path) -> pa.Table:
+    """key, shard (position in the manifest), rg (row group), row (within it) of every row,
+    reading the key column only: what a join by key needs to fetch vectors later."""
+    cache = _open(cache)
+    parts = []
+    for shard, path in enumerate(cache.shard_paths):
+        try:
+            pf = pq.ParquetFile(path, filesystem=cache.fs)
+            for g in range(pf.metadata.num_row_groups):
+                keys = pf.read_row_group(g, columns=["key"]).column("key")
+                n = len(keys)
+                parts.append(
+                    pa.table(
+                        {
+                            "key": keys.cast(pa.string()),
+                            "shard": pa.array(np.full(n, shard, np.int32)),
+                            "rg": pa.array(np.full(n, g, np.int32)),
+                            "row": pa.array(np.arange(n, dtype=np.int32)),
+                        }
+                    )
+                )
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(
+                f"cannot read {path} ({e}); run `facetclip verify {cache.root}`"
+            ) from None
+    if not parts:
+        return pa.schema(
+            [("key", pa.string()), ("shard", pa.int32()), ("rg", pa.int32()), ("row", pa.int32())]
+        ).empty_table()
+    return pa.concat_tables(parts)
+
+
+def read_rows(
+    path: str,
+    row_group: int,
+    rows: np.ndarray,
+    names: Sequence[str],
+    dtype: str,
+    filesystem: pafs.FileSystem | None = None,
+    expect_keys: Sequence[str] | None = None,
+) -> np.ndarray:
+    """float32 [n, K, D]: vectors ``names`` of ``rows`` of one row group of one shard (one
+    row group read, only the asked-for columns). ``expect_keys``: the keys a plan saw there;
+    a mismatch means the shard changed since (CacheError)."""
+    try:
+        pf = pq.ParquetFile(path, filesystem=filesystem)
+        columns = _vector_columns(names, dtype)
+        table = pf.read_row_group(row_group, columns=columns).take(pa.array(rows))
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read {path} ({e}); run `facetclip verify` on its cache") from None
+    if expect_keys is not None and table.column("key").to_pylist() != list(expect_keys):
+        raise CacheError(f"{path} changed since the join was planned; plan again (restart the run)")
+    return np.stack([decode_vectors(table, n, dtype) for n in names], axis=1)

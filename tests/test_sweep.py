@@ -184,7 +184,7 @@ def ray_shutdown():
 def test_a_2x2_sweep_makes_four_run_directories_and_a_ranked_leaderboard(
     data, tmp_path, ray_shutdown
 ):
-    from train.checkpoint import latest_checkpoint
+    from store.runs import latest_checkpoint
     from train.config import TrainConfig
     from train.export import load
     from train.loop import prepare_run

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from embed.pipeline import EmbedConfig, run_embed
 from eval.synth import SynthConfig, write_synth
 from store.errors import InputError
-from train.checkpoint import latest_checkpoint, load_checkpoint
+from store.runs import METRICS_FILE, latest_checkpoint, load_checkpoint
 from train.config import TrainConfig
-from train.loop import FAULT_MARKER, METRICS_FILE, TrainError, prepare_run, train
+from train.loop import FAULT_MARKER, TrainError, prepare_run, train
 from train.model import build_model
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from store.errors import InputError
-from train.checkpoint import load_checkpoint
+from store.runs import load_checkpoint
 from train.config import TrainConfig
 from train.model import FacetCLIP, ModelConfig, build_model
 

@@ -15,10 +15,8 @@ batches it had consumed and continues with exactly the batch an uninterrupted ru
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,19 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import FacetclipError, InputError
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from store.runs import (
+    METRICS_FILE,
+    MetricsLog,
+    ProgressTail,
+    latest_checkpoint,
+    load_checkpoint,
+    plot_metrics,
+    read_metrics,
+    save_checkpoint,
+)
 from train.config import TrainConfig
 
 CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.jsonl"
 NAN_FILE = "nan.json"
 FAULT_MARKER = ".fault_injected"
 
@@ -163,7 +169,7 @@ def init_ray(cfg: TrainConfig, num_cpus: int | None = None) -> None:
     """Join ``run.ray_address``, or start a local Ray with more logical CPUs than the workers
     take, so Ray Data's decode tasks are not starved behind the training workers (a sweep
     passes ``num_cpus`` for its concurrent runs). Inside a Ray task (a Tune trial) Ray is up."""
-    from embed.distributed import init_ray as join_or_start
+    from store.cluster import init_ray as join_or_start
 
     join_or_start(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker, num_cpus)
 
@@ -199,7 +205,7 @@ def train(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )
-    bar = _ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
+    bar = ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
@@ -218,67 +224,17 @@ def train(
             f"or run.amp = false; then --resume {run}."
         )
     from train.export import export_model
-    from train.plots import plot_metrics
 
     plot_metrics(run / METRICS_FILE, run / "plots")
     ckpt = latest_checkpoint(run)
     model_dir = export_model(run, ckpt) if ckpt else None
-    rows = [
-        json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if line.strip()
-    ]
+    rows = read_metrics(run / METRICS_FILE)
     last = rows[-1] if rows else {}
     return TrainResult(
         run=run, steps=int(last.get("step", 0)), final_loss=last.get("loss"),
         seconds=time.perf_counter() - t0, images_per_s=float(last.get("images_per_s", 0.0)),
         checkpoint=ckpt, model_dir=model_dir,
     )  # fmt: skip
-
-
-class _ProgressTail:
-    """The driver's progress bar: rank 0 appends to metrics.jsonl, a thread here follows it."""
-
-    def __init__(self, path: Path, total: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.stop = threading.Event()
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
-        self.task = self.bar.add_task("train", total=total, info="starting Ray workers…")
-        self.bar.start()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
-
-    def _follow(self) -> None:
-        offset = 0
-        while not self.stop.wait(0.5):
-            if not self.path.is_file():
-                continue
-            with self.path.open() as f:
-                f.seek(offset)
-                lines = f.readlines()
-                offset = f.tell()
-            for line in lines:
-                if not line.endswith("\n"):
-                    offset -= len(line.encode())
-                    break
-                m = json.loads(line)
-                info = f"loss {m['loss']:.4f}  {m['images_per_s']:.0f} img/s  lr {m['lr']:.2e}"
-                self.bar.update(self.task, completed=m["step"], info=info)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stop.set()
-            self.thread.join()
-            self.bar.stop()
 
 
 # --- the worker ---------------------------------------------------------------------------------
@@ -321,7 +277,7 @@ def worker_loop(loop_cfg: dict) -> None:
     amp = cfg.run.amp and device.type == "cuda"
     warmup = min(cfg.optim.warmup_steps, cfg.steps // 2)
 
-    log = _RankZeroLog(run, enabled=rank == 0, after_step=state["step"])
+    log = MetricsLog(run, enabled=rank == 0, after_step=state["step"])
     plan = ray.get(loop_cfg["plan"])
     data_cfg = _data_config(cfg, train=True)
     per_worker = cfg.batch_size // world
@@ -417,39 +373,3 @@ def _maybe_fault(cfg: TrainConfig, run: Path, step: int, rank: int, world: int) 
         return
     marker.write_text(str(step))
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _RankZeroLog:
-    """metrics.jsonl (appended, flushed per line) and TensorBoard, on rank 0 only."""
-
-    def __init__(self, run: Path, enabled: bool, after_step: int = 0):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        path = run / METRICS_FILE
-        if path.is_file():  # a resumed run repeats the steps after its checkpoint: drop them
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= after_step
-            ]
-            path.write_text("".join(line + "\n" for line in keep))
-        self.jsonl = path.open("a")
-        self.tb = SummaryWriter(str(run / "tb"))
-
-    def write(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(metrics) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
-                self.tb.add_scalar(k, v, metrics["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()

@@ -381,8 +381,8 @@ def run_trial(cfg: TrainConfig, evals: dict, params: dict) -> dict:
     """Train (or resume, or skip a finished training), run the evals, write RUN/sweep_result.json;
     returns that record: the trial's params and its final metrics, flat."""
     from eval.evaluate import EvalConfig, evaluate
-    from train.checkpoint import latest_checkpoint
-    from train.loop import CONFIG_FILE, METRICS_FILE, train
+    from store.runs import METRICS_FILE, latest_checkpoint, read_metrics
+    from train.loop import CONFIG_FILE, train
 
     run = Path(cfg.out)
     t0 = time.perf_counter()
@@ -391,9 +391,7 @@ def run_trial(cfg: TrainConfig, evals: dict, params: dict) -> dict:
     if not done:
         resume = (run / CONFIG_FILE).is_file() and latest_checkpoint(run) is not None
         train(cfg, resume=resume, overwrite=not resume, progress=False)
-    rows = [
-        json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if line.strip()
-    ]
+    rows = read_metrics(run / METRICS_FILE)
     last = rows[-1] if rows else {}
     metrics = {
         k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)

@@ -426,8 +426,8 @@ def measure_engines(cfg: EnginesBenchConfig = ENGINES_FULL) -> EnginesBenchResul
     """Time ``run_embed`` with each engine count, alternating the order across repeats."""
     import ray
 
-    from embed.distributed import init_ray
     from embed.pipeline import EmbedConfig, run_embed
+    from store.cluster import init_ray
 
     seconds: dict[int, list[float]] = {n: [] for n in cfg.engines}
     tables: dict[int, pa.Table] = {}
