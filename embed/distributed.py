@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from embed.engine import make_engine
-from embed.inputs import CaptionBatch
 from embed.pipeline import (
     EmbedConfig,
     EmbedError,
@@ -46,6 +45,7 @@ from embed.tokenize import PromptTokenizer
 from store.cache import Cache, Manifest, StagedShard
 from store.cluster import init_ray
 from store.errors import FacetclipError, InputError
+from store.tables import CaptionBatch
 
 # Fault injection for tests: engine actor 0 (never a replacement) SIGKILLs itself right after
 # staging its N-th shard, before handing it back, so that shard is lost in flight.

@@ -24,7 +24,12 @@ import numpy as np
 import pyarrow as pa
 
 from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
-from embed.inputs import (
+from embed.prompts import Recipe, get_recipe
+from embed.tokenize import PromptTokenizer
+from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
+from store.errors import FacetclipError, InputError
+from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
+from store.tables import (
     CaptionBatch,
     CaptionSource,
     available_columns,
@@ -33,11 +38,6 @@ from embed.inputs import (
     iter_keys,
     resolve_format,
 )
-from embed.prompts import Recipe, get_recipe
-from embed.tokenize import PromptTokenizer
-from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
-from store.errors import FacetclipError, InputError
-from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
 
 ON_DUPLICATE = ("error", "keep-first")
 

@@ -38,12 +38,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from embed.engine import check_layer, inspect_model
-from embed.inputs import CaptionSource, available_columns, count_rows, iter_caption_batches
 from embed.packing import PromptIds
 from embed.pipeline import recipe_with_overrides, skip_reason
 from embed.prompts import DTYPES, Recipe
 from embed.tokenize import EncodedCaption, PromptTokenizer
 from store.errors import InputError
+from store.tables import CaptionSource, available_columns, count_rows, iter_caption_batches
 
 # Peak dense bf16 tensor-core FLOP/s (SXM parts; the 2x "with sparsity" figures do not apply).
 GPU_PEAK_BF16: dict[str, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12}

@@ -124,7 +124,9 @@ def _tables_with(files: list[Path], column: str) -> list[Path]:
     return found
 
 
-def resolve_image_format(path: Path, image_format: str = "auto", image_column: str = "image") -> str:
+def resolve_image_format(
+    path: Path, image_format: str = "auto", image_column: str = "image"
+) -> str:
     """The concrete format of ``path`` (rules in the module docstring)."""
     path = Path(path)
     if image_format not in IMAGE_FORMATS:

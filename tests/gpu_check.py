@@ -328,12 +328,12 @@ def check_throughput(tmp: Path, tokenizer_dir: Path, args) -> None:
 
 
 def _decode_chunk(args) -> int:
-    """One loader worker's share: decode + RandomResizedCrop + normalise (train.data)."""
+    """One loader worker's share: decode + RandomResizedCrop + normalise (train.transforms)."""
     jpegs, size = args
-    from train.data import IMAGE_BYTES, DataConfig, decode_batch
+    from train.transforms import IMAGE_BYTES, ImageTransform, decode_batch
 
-    cfg = DataConfig(images=Path("."), cache=Path("."), image_size=size)
-    decode_batch({"key": [str(i) for i in range(len(jpegs))], IMAGE_BYTES: jpegs}, cfg)
+    t = ImageTransform(image_size=size)
+    decode_batch({"key": [str(i) for i in range(len(jpegs))], IMAGE_BYTES: jpegs}, t)
     return len(jpegs)
 
 

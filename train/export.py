@@ -34,6 +34,7 @@ from store.errors import InputError
 from store.runs import load_checkpoint
 from train.config import TrainConfig
 from train.model import FacetCLIP, ModelConfig, build_model
+from train.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, eval_transform
 
 MODEL_DIR = "model"
 
@@ -59,8 +60,8 @@ def export_model(run: Path, checkpoint: Path) -> Path:
         "text_dim": state["text_dim"],
         "step": state["step"],
         "image_size": cfg.data.image_size,
-        "image_mean": list(_image_norm()[0]),
-        "image_std": list(_image_norm()[1]),
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "facets": cfg.facets,
         "loss": cfg.loss,
         "recipe": recipe,
@@ -69,13 +70,6 @@ def export_model(run: Path, checkpoint: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-def _image_norm() -> tuple[tuple, tuple]:
-    from train.data import DataConfig
-
-    d = DataConfig(images=Path("."), cache=Path("."))
-    return tuple(d.mean), tuple(d.std)
 
 
 class TrainedModel:
@@ -107,11 +101,9 @@ class TrainedModel:
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images -> [B, 3, S, S] float32, the evaluation transform of training's data."""
-        from train.data import DataConfig, eval_transform
-
-        cfg = DataConfig(images=Path("."), cache=Path("."), image_size=self.meta["image_size"],
-                         mean=tuple(self.meta["image_mean"]), std=tuple(self.meta["image_std"]), train=False)  # fmt: skip
-        return np.stack([eval_transform(im, cfg) for im in images])
+        t = ImageTransform(image_size=self.meta["image_size"], train=False,
+                           mean=tuple(self.meta["image_mean"]), std=tuple(self.meta["image_std"]))  # fmt: skip
+        return np.stack([eval_transform(im, t) for im in images])
 
 
 def load(path: str | Path, device: str = "cpu") -> TrainedModel:

@@ -246,9 +246,10 @@ def worker_loop(loop_cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from train.data import build_dataset, drop_invalid, torch_collate
+    from train.data import build_dataset, torch_collate
     from train.losses import compute_loss, select_facets
     from train.model import build_model, lr_at
+    from train.transforms import drop_invalid
 
     cfg = TrainConfig.from_dict(loop_cfg["config"])
     run = Path(loop_cfg["run"])
