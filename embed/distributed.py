@@ -34,10 +34,10 @@ from embed.pipeline import (
     EmbedConfig,
     EmbedError,
     EmbedPlan,
+    EmbedProgress,
     EmbedSummary,
     ShardEmbedder,
     ShardStats,
-    _Progress,
     engine_config,
 )
 from embed.prompts import Recipe
@@ -110,7 +110,7 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
     cfg = plan.cfg
     n = cfg.engines
     summary = EmbedSummary(out=plan.cache.root, engines=n)
-    bar = _Progress(plan.total, progress)
+    bar = EmbedProgress(plan.total, progress)
     todo = plan.todo(summary, bar)
     retry: deque[tuple[int, CaptionBatch]] = deque()  # shards of dead actors go first
 

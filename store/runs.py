@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from store.progress import Bar
+
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
@@ -157,22 +159,10 @@ class ProgressTail:
     ):
         self.path, self.enabled, self.info = Path(path), enabled, info
         self.stop = threading.Event()
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
-        self.task = self.bar.add_task(label, total=total, info="starting Ray workers…")
-        self.bar.start()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
+        self.bar = Bar(label, total, enabled, info="starting Ray workers…")
+        if enabled:
+            self.thread = threading.Thread(target=self._follow, daemon=True)
+            self.thread.start()
 
     def _follow(self) -> None:
         offset = 0
@@ -188,13 +178,13 @@ class ProgressTail:
                     offset -= len(line.encode())
                     break
                 m = json.loads(line)
-                self.bar.update(self.task, completed=m["step"], info=self.info(m))
+                self.bar.update(completed=m["step"], info=self.info(m))
 
     def close(self) -> None:
         if self.enabled:
             self.stop.set()
             self.thread.join()
-            self.bar.stop()
+            self.bar.close()
 
 
 # --- plots ---------------------------------------------------------------------------------------

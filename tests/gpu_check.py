@@ -119,7 +119,7 @@ def encode(model_dir: Path, recipe_name: str, rows: list[dict]) -> list:
 
 def build_small_llm(out: Path) -> Path:
     """Untrained 4-layer Llama, head size 64 (a size every vLLM attention kernel takes)."""
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     cfg = TinyLLMConfig(
         steps=0, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512, n_captions=400

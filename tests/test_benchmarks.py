@@ -353,7 +353,9 @@ def test_docci_errors(docci):
     ):
         load_benchmark("docci", docci)
     file.write_text(lines[0] + "\n" + lines[1][:-3] + "\n")
-    with pytest.raises(InputError, match=r"docci_descriptions\.jsonlines: line 2 is not valid JSON"):
+    with pytest.raises(
+        InputError, match=r"docci_descriptions\.jsonlines: line 2 is not valid JSON"
+    ):
         load_benchmark("docci", docci)
     record = json.loads(lines[1])
     del record["description"]

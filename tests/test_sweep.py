@@ -11,8 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from store.errors import InputError
-from train.sweep import (
+from eval.sweep import (
     SweepConfig,
     expand_trials,
     plan_concurrency,
@@ -20,6 +19,7 @@ from train.sweep import (
     sweep,
     trial_configs,
 )
+from store.errors import InputError
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from store.errors import InputError
+from store.cache import Cache
+from store.errors import CacheError, InputError
 from store.runs import load_checkpoint
 from train.config import TrainConfig
 from train.model import FacetCLIP, ModelConfig, build_model
@@ -45,8 +45,10 @@ def export_model(run: Path, checkpoint: Path) -> Path:
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, state["text_dim"])
     load_checkpoint(checkpoint, model)
-    recipe_path = Path(cfg.cache) / "recipe.toml"
-    recipe = tomllib.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    try:  # the recipe travels with the model: eval embeds its text queries with it
+        recipe = Cache.open(cfg.cache).recipe
+    except CacheError:
+        recipe = {}
     out = Path(run) / MODEL_DIR
     tmp = out.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +108,7 @@ class TrainedModel:
         return np.stack([eval_transform(im, t) for im in images])
 
 
-def load(path: str | Path, device: str = "cpu") -> TrainedModel:
+def _model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / MODEL_DIR / "config.json").is_file():
         path = path / MODEL_DIR  # a run directory
@@ -114,7 +116,17 @@ def load(path: str | Path, device: str = "cpu") -> TrainedModel:
         raise InputError(
             f"{path} is not an exported model (no config.json); train writes RUN/model/"
         )
-    meta = json.loads((path / "config.json").read_text())
+    return path
+
+
+def load_meta(path: str | Path) -> dict:
+    """An export's config.json (model config, preprocessing, facets, recipe), without weights."""
+    return json.loads((_model_dir(path) / "config.json").read_text())
+
+
+def load(path: str | Path, device: str = "cpu") -> TrainedModel:
+    path = _model_dir(path)
+    meta = load_meta(path)
     model = build_model(ModelConfig(**meta["model"]), meta["text_dim"])
     model.load_state_dict(load_file(path / "model.safetensors"))
     return TrainedModel(model, meta, device)

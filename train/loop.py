@@ -374,3 +374,17 @@ def _maybe_fault(cfg: TrainConfig, run: Path, step: int, rank: int, world: int) 
         return
     marker.write_text(str(step))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def render_train(r: TrainResult):
+    """What `facetclip train` prints: a rich table of the finished run."""
+    from rich.table import Table
+
+    t = Table(title=f"train -> {r.run}", show_header=False)
+    t.add_row("steps", str(r.steps))
+    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
+    t.add_row("images/s (last interval)", f"{r.images_per_s:,.0f}")
+    t.add_row("wall time", f"{r.seconds:.0f} s")
+    t.add_row("checkpoint", str(r.checkpoint))
+    t.add_row("exported model", str(r.model_dir))
+    return t

@@ -201,7 +201,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_model(out: Path, cfg: EmbedBenchConfig) -> Path:
     """The untrained small Llama of the benchmark (random weights, trained tokenizer)."""
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     build_tiny_llm(
         out,

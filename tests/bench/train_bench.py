@@ -32,10 +32,10 @@ def run(quick: bool = False) -> Report:
     from embed.hf_engine import HFEngine
     from embed.pipeline import EmbedConfig, run_embed
     from embed.prompts import BUILTIN_RECIPES
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
     from embed.tokenize import PromptTokenizer
     from eval.demo import DEMO_TOWER, DEMO_TOWER_KWARGS
     from eval.synth import encode_jpeg, iter_samples
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
     from store.reader import KeyIndex
     from train.losses import compute_loss, select_facets
     from train.model import ModelConfig, build_model

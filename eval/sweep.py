@@ -49,14 +49,13 @@ import os
 import re
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
 from store.errors import FacetclipError, InputError
-from store.format import dump_toml
+from store.tomlfile import dump_toml, read_toml
 from train.config import TrainConfig
 
 MODES = ("grid", "random")
@@ -98,11 +97,7 @@ class SweepConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SweepConfig:
-        try:
-            d = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InputError(f"cannot read sweep config {path}: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_toml(path, "sweep config"))
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepConfig:
@@ -633,3 +628,19 @@ def _plot(path: Path, ranked: list[dict], metric: str, goal: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def render_sweep(r: SweepResult, cfg: SweepConfig):
+    """What `facetclip sweep` prints: the leaderboard and a line of totals."""
+    from rich.console import Group
+    from rich.table import Table
+
+    t = Table(title=f"sweep -> {r.out}: {cfg.metric} ({cfg.direction})")
+    for col in ("rank", "trial", cfg.metric):
+        t.add_column(col)
+    for row in r.ranked:
+        value = f"{row['value']:.4f}" if row["rank"] else f"failed: {row.get('error', '')}"
+        t.add_row(str(row["rank"] or "-"), row["name"], value)
+    finished = len(r.ranked) - len(r.ran)
+    return Group(t, f"{len(r.ran)} trial(s) run ({r.concurrency} at a time), {finished} finished "
+                    f"before; {r.seconds:.0f} s. Leaderboard: {', '.join(str(f) for f in r.files)}")  # fmt: skip
