@@ -497,8 +497,7 @@ def sweep(
     Example: facetclip sweep --cache cache/flame --images data/synth/images --config sweep.toml --out sweeps/s1
     """
     _quiet_libraries()
-    from eval import SweepConfig, render_sweep
-    from eval import sweep as run_sweep
+    from eval import SweepConfig, render_sweep, run_sweep
 
     cfg = SweepConfig.from_toml(config)
     r = run_sweep(cfg, out, images=images or "", cache=cache or "", overwrite=overwrite,
