@@ -157,7 +157,8 @@ def _write(tmp: Path, model, tok, source: GGUFSource) -> int:
 
     config = model.config
     # A config that still names the GGUF would send transformers back to the GGUF loader.
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.architectures = [type(model).__name__]
     config._name_or_path = ""  # GGUF's general.name, not a path anyone can load
     config.save_pretrained(tmp)
@@ -228,6 +229,9 @@ def materialize_smollm2(
         record = {**source.identity(), "fingerprint": fingerprint, "n_params": n_params,
                   "bytes": size}  # fmt: skip
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for f in tmp.iterdir():  # on disk before the rename makes the directory visible
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
         if out.is_dir() and any(out.iterdir()):
             out.rename(old)  # the old directory stays whole until the new one is in place
         elif out.is_dir():
