@@ -301,15 +301,17 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
         "path": str(Path(cfg.captions).resolve()),
         "format": resolve_format(source.path, source.format),
     }
-    cache = Cache.create(
-        cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem
-    )
     schema = shard_schema(
         recipe.vector_names, info.hidden_size, recipe.dtype, text_columns, recipe.columns
     )
     total = count_rows(source)
     if cfg.limit is not None:
         total = cfg.limit if total is None else min(total, cfg.limit)
+    # Last: this takes the cache's writer lock, which the caller releases (run_embed).
+    cache = Cache.create(
+        cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem,
+        writer=f"facetclip embed {cfg.captions} --out {cfg.out}",
+    )  # fmt: skip
     return EmbedPlan(
         cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path)
     )
@@ -324,14 +326,22 @@ def run_embed(
     (``engine`` must then be None); otherwise everything runs in this process."""
     t0 = time.perf_counter()
     plan = plan_embed(cfg)
+    try:
+        summary = _run_plan(plan, progress, engine)
+    finally:
+        plan.cache.unlock()  # the writer lock plan_embed took: held for the whole run
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSummary:
+    cfg = plan.cfg
     if cfg.engines > 1 or cfg.ray_address:
         if engine is not None:
             raise ValueError("an engine object cannot be shared by several Ray actors")
         from embed.distributed import run_distributed
 
-        summary = run_distributed(plan, progress)
-        summary.seconds = time.perf_counter() - t0
-        return summary
+        return run_distributed(plan, progress)
 
     from transformers import AutoTokenizer
 
@@ -356,7 +366,6 @@ def run_embed(
         bar.close()
         if own_engine and engine is not None and hasattr(engine, "close"):
             engine.close()  # frees the GPU (and vLLM's truncated-weights copy)
-    summary.seconds = time.perf_counter() - t0
     return summary
 
 
