@@ -305,6 +305,8 @@ def plan(
     t_.add_row(f"wall time on {p.gpus} GPU(s)", f"{_hours(p.wall_hours)} h")
     for dtype, n in p.cache_bytes.items():
         t_.add_row(f"cache, {dtype}", f"{human(n, 'B')} ({n / max(1, t.embedded):,.0f} B per row)")
+    for form, n in p.prompt_forms.items():
+        t_.add_row(form, f"{n:,} B" + ("" if "once" in form else " per row"))
     console.print(t_)
 
 

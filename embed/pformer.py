@@ -46,8 +46,9 @@ from embed.pformer_model import PREDICTOR_DIR, PredictorConfig
 from store.errors import FacetclipError, InputError
 from store.format import dump_toml
 
-try:  # the run machinery `train` and `pformer` share, in store/ (issue 11)
+try:  # the run machinery every trainer shares (issue 11 moved it into store/)
     from store.cluster import init_ray
+    from store.collective import gather_features
     from store.runs import (
         MetricsLog,
         ProgressTail,
@@ -56,12 +57,16 @@ try:  # the run machinery `train` and `pformer` share, in store/ (issue 11)
         plot_metrics,
         save_checkpoint,
     )
-except ImportError:  # until that move lands on main: where it lives today. Remove then.
+
+    _RUNS_IN_STORE = True
+except ImportError:  # a checkout from before that move: where it lived. Remove after merging.
     from embed.distributed import init_ray
     from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from train.loop import _ProgressTail as ProgressTail
     from train.loop import _RankZeroLog as MetricsLog
+    from train.losses import gather_features
     from train.plots import plot_metrics
+
+    _RUNS_IN_STORE = False
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -231,6 +236,23 @@ class PFormerResult:
     seconds: float
     captions_per_s: float
     predictor: Path | None
+
+
+# The curves worth a PNG (the terms separately: which one moves is the diagnosis).
+PLOTTED = (
+    ("loss", "training loss (weighted sum)"),
+    ("loss_lm", "(a) reconstruction cross-entropy"),
+    ("loss_contrastive", "(b) contrastive"),
+    ("loss_nearest", "(c) distance to the nearest embedding row (MSE)"),
+    ("val_token_acc", "held-out teacher-forced token accuracy"),
+    ("lr", "learning rate"),
+)
+
+
+def progress_info(m: dict) -> str:
+    """The progress bar's text for one metrics row."""
+    return (f"loss {m['loss']:.3f} (lm {m['loss_lm']:.3f})  {m['captions_per_s']:.0f} captions/s  "
+            f"lr {m['lr']:.2e}")  # fmt: skip
 
 
 # --- schedule and data order (pure) -------------------------------------------------------------
@@ -424,7 +446,10 @@ def train_pformer(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )  # fmt: skip
-    bar = ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
+    if _RUNS_IN_STORE:
+        bar = ProgressTail(run / METRICS_FILE, cfg.steps, progress, "pformer", progress_info)
+    else:  # the old bar read image throughput only; no bar until the merge
+        bar = type("NoBar", (), {"close": lambda self: None})()
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
@@ -443,7 +468,10 @@ def train_pformer(
             f"checkpoint: {info['last_checkpoint']}). Try a lower --lr or more warm-up, then "
             f"--resume {run}."
         )
-    plot_metrics(run / METRICS_FILE, run / "plots")
+    if _RUNS_IN_STORE:
+        plot_metrics(run / METRICS_FILE, run / "plots", PLOTTED)
+    else:
+        plot_metrics(run / METRICS_FILE, run / "plots")
     ckpt = latest_checkpoint(run)
     predictor = export_predictor(run, ckpt, enc_tok, stats) if ckpt else None
     rows = [json.loads(x) for x in (run / METRICS_FILE).read_text().splitlines() if x.strip()]
@@ -510,11 +538,6 @@ def step_losses(model, llm, table, batch: dict, cfg: PFormerConfig, offset: int)
         reconstruction_loss,
         shifted_targets,
     )
-
-    try:
-        from store.collective import gather_features
-    except ImportError:  # until issue 11's move lands on main (see the imports above)
-        from train.losses import gather_features
 
     out = model(batch["enc_ids"], batch["enc_mask"], batch.get("view_ids"), batch.get("view_mask"))
     logits = prompted_logits(llm, out["prompts"], batch["llm_ids"], batch["llm_mask"])

@@ -110,3 +110,80 @@ def check_engine(kind: str) -> None:
         raise InputError(
             "the pformer recipes run their predictor with torch (--engine hf or auto), not vLLM"
         )
+
+
+# --- sizes and cost (facetclip plan) ---------------------------------------------------------
+
+
+def prompt_cache_bytes(n_prompts: int, llm_width: int, width: int, dtype: str = "float16") -> dict:
+    """Bytes of the vectors of one row in each form, and of the compact form's head (once,
+    float32): ``pformer`` N·D values, ``pformer-code`` d values."""
+    from embed.plan import vector_bytes
+
+    head = 4 * (width * n_prompts * width + n_prompts * width + width * width + width
+                + width * llm_width + llm_width)  # fmt: skip
+    return {
+        f"pformer: {n_prompts} prompts x {llm_width}, {dtype}": n_prompts
+        * vector_bytes(dtype, llm_width),
+        f"pformer-code: code x {width}, {dtype}": vector_bytes(dtype, width),
+        "pformer-code: head, float32, once per cache": head,
+    }
+
+
+def plan_pformer(cfg, recipe: Recipe, source):
+    """``facetclip plan`` for a pformer recipe: tokens counted with the predictor's own
+    tokenizer, FLOPs of its encoder (bidirectional: every caption token sees every other) and
+    head, and the cache size of the chosen form; ``prompt_forms`` gives both forms per row."""
+    from transformers import AutoTokenizer
+
+    from embed.pformer_model import PredictorConfig
+    from embed.pformer_model import predictor_info as read_info
+    from embed.plan import (
+        DTYPES,
+        GPU_PEAK_BF16,
+        Plan,
+        _total_rows,
+        cache_bytes,
+        check_gpus,
+        count_sample,
+        forward_flops,
+        gpu_hours,
+    )
+    from embed.tokenize import PromptTokenizer
+
+    recipe, info = pformer_recipe(recipe, cfg.model)
+    pcfg = PredictorConfig.from_dict(read_info(info.path)["config"])
+    check_gpus(cfg.gpu, cfg.gpus, cfg.mfu)
+    tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(info.path), recipe)
+    sample, exhausted = count_sample(source, recipe, tokenizer, cfg.sample)
+    if sample.rows == 0:
+        raise InputError(f"{cfg.captions} has no rows")
+    rows, rows_from = _total_rows(cfg, source, sample, exhausted)
+    total = sample if rows == sample.rows else sample.scaled(rows / sample.rows)
+    d, n = pcfg.width, pcfg.n_prompts
+    if pcfg.encoder == "own":
+        per_token = pcfg.layers * (4 * d * d + 2 * d * pcfg.ffn)  # q, k, v, o + the MLP
+    else:  # an HF encoder: its parameters less the embeddings, as an estimate
+        per_token = 12 * d * d * int(pcfg.encoder_config.get("num_hidden_layers", 12))
+    head = d * n * d + n * d * d + (n * d * pcfg.llm_width if recipe.pooling == "pformer" else 0)
+    # Bidirectional attention: twice the causal pairs count_sample reports, less the diagonal.
+    pairs = 2 * total.packed_pairs - total.packed
+    flops = (
+        forward_flops(total.packed, pairs, per_token, pcfg.layers, d) + 2.0 * head * total.embedded
+    )
+    n_vec = len(recipe.vector_names)
+    text = total.text_bytes if cfg.store_text else 0
+    sizes = {
+        dt: cache_bytes(dt, info.hidden_size, n_vec, total.embedded, total.key_bytes, text, 1)
+        for dt in DTYPES
+    }
+    return Plan(
+        captions=str(cfg.captions), model=cfg.model, recipe=recipe.name, rows=rows,
+        rows_from=rows_from, sample=sample, total=total, vectors_per_row=n_vec,
+        dim=info.hidden_size, layers_run=pcfg.layers, params_total=per_token + head,
+        params_per_token=per_token, params_from="predictor.json", attention_width=d,
+        flops=flops, flops_naive=flops, gpu=cfg.gpu, gpus=cfg.gpus, mfu=cfg.mfu,
+        peak_flops=GPU_PEAK_BF16[cfg.gpu], gpu_hours=gpu_hours(flops, cfg.gpu, cfg.mfu),
+        gpu_hours_naive=gpu_hours(flops, cfg.gpu, cfg.mfu), cache_bytes=sizes,
+        prompt_forms=prompt_cache_bytes(n, pcfg.llm_width, d),
+    )  # fmt: skip

@@ -338,7 +338,9 @@ def test_embed_pformer_is_deterministic_and_a_killed_run_resumes_to_the_same_cac
     assert "rows from earlier runs" in done.stdout.decode()
 
     def frame(cache):
-        return duckdb.sql(f"SELECT * FROM read_parquet('{cache}/shards/*.parquet') ORDER BY key").df()
+        return duckdb.sql(
+            f"SELECT * FROM read_parquet('{cache}/shards/*.parquet') ORDER BY key"
+        ).df()
 
     got, clean = frame(out), frame(prompt_caches[0])  # the killed run vs a clean in-process run
     assert list(got["key"]) == list(clean["key"])
@@ -415,3 +417,30 @@ def test_training_runs_resumes_after_a_killed_worker_and_exports(tmp_path, capti
     more = train_pformer(PFormerConfig(out=str(tmp_path / "a"), steps=8), resume=True,
                          progress=False)  # fmt: skip
     assert more.steps == 8
+
+
+def test_plan_states_both_forms_per_row_as_the_caches_store_them(prompt_caches, captions, predictor):
+    from embed.plan import PlanConfig, make_plan
+
+    plan = make_plan(PlanConfig(captions=captions, model=str(predictor), recipe="pformer"))
+    assert (plan.vectors_per_row, plan.dim) == (4, 64)
+    per_row = dict(zip(("full", "code", "head"), plan.prompt_forms.values(), strict=True))
+    assert per_row["full"] == 4 * 64 * 2 and per_row["code"] == 32 * 2
+    # The vector columns as written (uncompressed, float16): the same bytes per row, plus
+    # what Parquet adds: run-length repetition levels of each list (a few bytes per vector)
+    # and page headers (at most a few hundred bytes per column chunk).
+    for cache, names, want, n_vec in ((prompt_caches[0], "prompt_", per_row["full"], 4),
+                                      (prompt_caches[1], "code", per_row["code"], 1)):  # fmt: skip
+        size = rows = chunks = 0
+        for shard in (cache / "shards").glob("*.parquet"):
+            meta = pq.ParquetFile(shard).metadata
+            rows += meta.num_rows
+            for g in range(meta.num_row_groups):
+                for c in range(meta.num_columns):
+                    col = meta.row_group(g).column(c)
+                    if col.path_in_schema.startswith(names):
+                        size += col.total_uncompressed_size
+                        chunks += 1
+        assert 0 <= size - rows * want <= 4 * n_vec * rows + 200 * chunks, (cache, size / rows)
+    head = (prompt_caches[1] / "pformer_head.safetensors").stat().st_size
+    assert per_row["head"] <= head < per_row["head"] + 2048  # + the safetensors header
