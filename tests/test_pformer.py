@@ -419,7 +419,9 @@ def test_training_runs_resumes_after_a_killed_worker_and_exports(tmp_path, capti
     assert more.steps == 8
 
 
-def test_plan_states_both_forms_per_row_as_the_caches_store_them(prompt_caches, captions, predictor):
+def test_plan_states_both_forms_per_row_as_the_caches_store_them(
+    prompt_caches, captions, predictor
+):
     from embed.plan import PlanConfig, make_plan
 
     plan = make_plan(PlanConfig(captions=captions, model=str(predictor), recipe="pformer"))
@@ -444,3 +446,84 @@ def test_plan_states_both_forms_per_row_as_the_caches_store_them(prompt_caches, 
         assert 0 <= size - rows * want <= 4 * n_vec * rows + 200 * chunks, (cache, size / rows)
     head = (prompt_caches[1] / "pformer_head.safetensors").stat().st_size
     assert per_row["head"] <= head < per_row["head"] + 2048  # + the safetensors header
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory, captions):
+    """A small untrained BERT with a WordPiece tokenizer ([CLS], [SEP], [MASK]) in HF format:
+    what `--encoder bert-base-uncased` loads, minus the download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    texts = pq.read_table(captions, columns=["long_caption"]).column(0).to_pylist()
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tk.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    out = tmp_path_factory.mktemp("bert") / "bert"
+    bert.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_hugging_face_encoder_reads_its_own_tokens_and_reloads_from_its_config(
+    tmp_path, tiny_bert, llm, tiny_model, captions
+):
+    model, tok = llm
+    cfg = small_config(encoder=str(tiny_bert))
+    pf, enc_tok = new_predictor(cfg, tok, model.config.hidden_size)
+    assert cfg.width == 32 and cfg.prefix_ids == [enc_tok.cls_token_id]
+    assert cfg.suffix_ids == [enc_tok.sep_token_id] and cfg.mask_id == enc_tok.mask_token_id
+    pf.eval()
+    ids = caption_token_ids(enc_tok, TEXTS, cfg.cleanup, cfg.max_caption_tokens)[0]
+    enc, mask = pf.encoder_batch(ids)
+    assert (
+        enc[0, 0] == enc_tok.cls_token_id and enc[0, int(mask[0].sum()) - 1] == enc_tok.sep_token_id
+    )
+    want = pf.expand(pf.encode(enc, mask)).detach()
+    path = save_predictor(tmp_path / "pf", pf, enc_tok, {"llm": str(tiny_model), "llm_width": 64})
+    loaded = load_predictor(path)  # rebuilt from predictor.json, weights from safetensors
+    assert torch.allclose(loaded.predict_prompts(TEXTS), want, atol=1e-5)
+    embed(captions, path, tmp_path / "cache", limit=10)
+    got = np.concatenate([p for _, p in iter_prompts(tmp_path / "cache")])
+    texts = pq.read_table(captions, columns=["long_caption"]).column(0).to_pylist()[:10]
+    assert np.allclose(got, loaded.predict_prompts(texts).numpy(), atol=2e-3)
+
+
+@pytest.mark.parametrize("views", ["masked", "self", "column"])
+def test_a_training_step_sums_the_three_terms_with_their_weights(llm, views):
+    from embed.pformer import PFormerConfig, Ragged, make_batch, step_losses
+
+    model, tok = llm
+    torch.manual_seed(4)
+    pf, _ = new_predictor(small_config(), tok, model.config.hidden_size)
+    ids = caption_token_ids(tok, TEXTS, "flame", 12)[0]
+    pair = caption_token_ids(tok, ["a star.", "a square.", "a heart."], "flame", 12)[0]
+    data = {"enc_ids": Ragged.of(ids), "llm_ids": Ragged.of(llm_target_ids(tok, ids)),
+            "pair_ids": Ragged.of(pair)}  # fmt: skip
+    cfg = PFormerConfig(predictor=pf.cfg)
+    cfg.loss.views, cfg.loss.lm, cfg.loss.contrastive, cfg.loss.nearest = views, 2.0, 0.5, 3.0
+    batch = make_batch(data, [0, 1, 2], cfg, pf.cfg, 0, torch.Generator().manual_seed(0), "cpu")
+    first = batch["enc_ids"]
+    if views == "self":
+        assert "view_ids" not in batch
+    elif views == "masked":  # the same captions, masked independently
+        assert torch.equal(batch["view_mask"], batch["enc_mask"])
+        assert not torch.equal(batch["view_ids"], first)
+    else:  # the paired column's captions
+        assert batch["view_ids"].shape[1] < first.shape[1]
+    pf.eval()  # no dropout: the terms can be recomputed here exactly
+    got = step_losses(pf, model, model.get_input_embeddings().weight, batch, cfg, offset=0)
+    want = 2.0 * got["loss_lm"] + 0.5 * got["loss_contrastive"] + 3.0 * got["loss_nearest"]
+    assert torch.allclose(got["loss"], want)
+    out = pf(batch["enc_ids"], batch["enc_mask"], batch.get("view_ids"), batch.get("view_mask"))
+    positives = out["proj"] if views == "self" else out["view_proj"]
+    con = contrastive_loss(out["proj"], positives, out["temp"], 0, 0.1)
+    assert torch.allclose(got["loss_contrastive"], con)
