@@ -12,9 +12,11 @@ reads ``[prompt] + BOS + c + EOS`` under four conditions:
 - ``none``: no prompt at all (BOS + c).
 
 Measured per condition: teacher-forced token accuracy and cross-entropy on c's tokens (EOS
-excluded), and, from greedy decoding of ``[prompt] + BOS`` alone, whether the first shape word
-generated is c's true main object ("exact main-object word"). Chance for the latter is
-1 / number of shapes; the ``none`` condition shows the LLM's own prior.
+excluded); teacher-forced accuracy at the one position where c first names its main object
+(the content the prompt must carry: boilerplate tokens are predictable without it); and, from
+greedy decoding of ``[prompt] + BOS`` alone, whether the first shape word generated is c's
+true main object ("exact main-object word"). Chance for the last two is about 1 / number of
+shapes; the ``none`` condition shows the LLM's own prior.
 
     >>> from eval.prompt_reconstruction import reconstruction_check
     >>> r = reconstruction_check("runs/pf", "data/synth/eval/retrieval/captions.parquet",
@@ -52,12 +54,14 @@ class ReconstructionReport:
     def table(self) -> str:
         """Markdown: one row per condition."""
         lines = [
-            "| prompt | token accuracy | cross-entropy | main-object word (greedy) |",
-            "|---|---|---|---|",
+            "| prompt | token accuracy | cross-entropy | main-object token (teacher-forced) "
+            "| main-object word (greedy) |",
+            "|---|---|---|---|---|",
         ]
         for name, c in self.conditions.items():
             lines.append(
-                f"| {name} | {c['token_acc']:.3f} | {c['loss']:.3f} | {c['main_object_acc']:.3f} |"
+                f"| {name} | {c['token_acc']:.3f} | {c['loss']:.3f} | "
+                f"{c['main_object_token_acc']:.3f} | {c['main_object_acc']:.3f} |"
             )
         lines.append(f"\nchance for the main-object word: {self.chance_main_object:.3f}; "
                      f"references naming it within {self.max_caption_tokens} tokens: "
@@ -70,6 +74,19 @@ def first_shape(text: str, shapes: tuple[str, ...]) -> str | None:
     for word in re.findall(r"[a-z]+", text.lower()):
         if word in shapes or (word.endswith("s") and word[:-1] in shapes):
             return word if word in shapes else word[:-1]
+    return None
+
+
+def main_object_position(tok, caption_ids: list[int], word: str) -> int | None:
+    """Index in ``caption_ids`` of the first token that begins the word ``word``."""
+    for i, t in enumerate(caption_ids):
+        piece = tok.decode([t]).strip().lower()
+        if (
+            piece
+            and word.startswith(piece)
+            and tok.decode(caption_ids[i : i + 4]).strip().lower().startswith(word)
+        ):
+            return i
     return None
 
 
@@ -136,6 +153,8 @@ def reconstruction_check(
         "none": predicted[:, :0],
     }
     bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+    # Where each caption first names its main object (an index into its caption ids).
+    positions = [main_object_position(tok, c, t) for c, t in zip(caption_ids, truth, strict=True)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     report = ReconstructionReport(
         predictor=str(pf.path), llm=llm_path, captions=len(texts), seed=seed,
@@ -147,7 +166,7 @@ def reconstruction_check(
     with torch.no_grad():
         for name in CONDITIONS:
             correct = total = 0
-            loss_sum, hits, decoded = 0.0, 0, []
+            loss_sum, hits, decoded, slot_hits, slots = 0.0, 0, [], 0, 0
             for s in range(0, len(texts), batch_size):
                 p = prompts[name][s : s + batch_size]
                 # Teacher forcing: the caption's tokens (EOS excluded from the accuracy).
@@ -159,8 +178,14 @@ def reconstruction_check(
                 keep = targets != IGNORE
                 loss_sum += float(torch.nn.functional.cross_entropy(
                     logits[keep], targets[keep], reduction="sum"))  # fmt: skip
-                correct += int((logits.argmax(-1)[keep] == targets[keep]).sum())
+                pred = logits.argmax(-1)
+                correct += int((pred[keep] == targets[keep]).sum())
                 total += int(keep.sum())
+                for j, pos in enumerate(positions[s : s + batch_size]):
+                    if pos is not None:  # targets[j, k] is input token k + 1: the caption's
+                        k = pos + len(bos) - 1  # token pos sits at input index pos + len(bos)
+                        slot_hits += int(pred[j, k] == targets[j, k])
+                        slots += 1
                 # Greedy decoding from the prompt and BOS alone (all inputs the same length).
                 start = torch.tensor([bos] * len(p), dtype=torch.long)
                 x = torch.cat([p, model.get_input_embeddings()(start)], dim=1)
@@ -177,6 +202,7 @@ def reconstruction_check(
                 "token_acc": correct / max(1, total),
                 "loss": loss_sum / max(1, total),
                 "main_object_acc": hits / len(texts),
+                "main_object_token_acc": slot_hits / max(1, slots),
             }
             report.examples += [
                 {"condition": name, "truth": truth[i], "reference": references[i],

@@ -527,3 +527,26 @@ def test_a_training_step_sums_the_three_terms_with_their_weights(llm, views):
     positives = out["proj"] if views == "self" else out["view_proj"]
     con = contrastive_loss(out["proj"], positives, out["temp"], 0, 0.1)
     assert torch.allclose(got["loss_contrastive"], con)
+
+
+def test_reconstruction_check_against_a_plain_forward_pass(predictor, synth_data, tiny_model):
+    """The no-prompt condition, recomputed with input ids through a plain forward pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.prompt_reconstruction import CONDITIONS, reconstruction_check
+
+    split = synth_data / "eval" / "retrieval" / "captions.parquet"
+    r = reconstruction_check(predictor, split, synth_data / "labels.parquet", n=6, batch_size=4)
+    assert set(r.conditions) == set(CONDITIONS) and r.captions == 6
+    assert r.chance_main_object == pytest.approx(1 / 9)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    texts = pq.read_table(split, columns=["long_caption"]).column(0).to_pylist()[:6]
+    correct = total = 0
+    for ids in caption_token_ids(tok, texts, "flame", 12)[0]:
+        seq = torch.tensor([[tok.bos_token_id, *ids]])
+        pred = model(input_ids=seq).logits[0, :-1].argmax(-1)
+        correct += int((pred == seq[0, 1:]).sum())
+        total += len(ids)
+    assert r.conditions["none"]["token_acc"] == pytest.approx(correct / total)
+    assert "| predicted |" in r.table()
