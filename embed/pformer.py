@@ -44,7 +44,6 @@ import numpy as np
 
 from embed.pformer_model import PREDICTOR_DIR, PredictorConfig
 from store.errors import FacetclipError, InputError
-from store.format import dump_toml
 
 try:  # the run machinery every trainer shares (issue 11 moved it into store/)
     from store.cluster import init_ray
@@ -67,6 +66,12 @@ except ImportError:  # a checkout from before that move: where it lived. Remove 
     from train.plots import plot_metrics
 
     _RUNS_IN_STORE = False
+try:  # the caption readers and the TOML writer, in store/ since the layout change on main
+    from store.tables import CaptionSource, available_columns, iter_caption_batches
+    from store.tomlfile import dump_toml
+except ImportError:  # before it. Remove after merging.
+    from embed.inputs import CaptionSource, available_columns, iter_caption_batches
+    from store.format import dump_toml
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -304,8 +309,6 @@ class Ragged:
 
 def read_captions(cfg: PFormerConfig) -> tuple[list[str], list[str], dict[str, int]]:
     """(captions, paired captions or [], skipped counts) of the input, in input order."""
-    from embed.inputs import CaptionSource, available_columns, iter_caption_batches
-
     source = CaptionSource(Path(cfg.captions), cfg.input_format, cfg.key_column)
     columns = [cfg.column] + ([cfg.loss.pair_column] if cfg.loss.views == "column" else [])
     found = available_columns(source)
