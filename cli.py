@@ -603,7 +603,7 @@ def pformer(
     Example: facetclip pformer data/synth/captions.parquet --model models/tiny --out runs/pf --steps 2000
     """
     _quiet_libraries()
-    from embed.pformer import PFormerConfig, train_pformer
+    from embed.pformer import PFormerConfig, render_pformer, train_pformer
 
     if resume is not None:
         cfg = PFormerConfig(out=str(resume), steps=steps or 0)
@@ -626,15 +626,7 @@ def pformer(
         cfg.run.ray_address = ray_address
         cfg = cfg.override(set_)
     r = train_pformer(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
-    t = Table(title=f"pformer -> {r.run}", show_header=False)
-    t.add_row("steps", str(r.steps))
-    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
-    if r.val_token_acc is not None:
-        t.add_row("held-out token accuracy", f"{r.val_token_acc:.3f}")
-    t.add_row("captions/s (last interval)", f"{r.captions_per_s:,.0f}")
-    t.add_row("wall time", f"{r.seconds:.0f} s")
-    t.add_row("predictor", str(r.predictor))
-    console.print(t)
+    console.print(render_pformer(r))
 
 
 @app.command()

@@ -487,6 +487,21 @@ def train_pformer(
     )  # fmt: skip
 
 
+def render_pformer(r: PFormerResult):
+    """A rich table of a finished run, for the command line."""
+    from rich.table import Table
+
+    t = Table(title=f"pformer -> {r.run}", show_header=False)
+    t.add_row("steps", str(r.steps))
+    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
+    if r.val_token_acc is not None:
+        t.add_row("held-out token accuracy (teacher-forced)", f"{r.val_token_acc:.3f}")
+    t.add_row("captions/s (last interval)", f"{r.captions_per_s:,.0f}")
+    t.add_row("wall time", f"{r.seconds:.0f} s")
+    t.add_row("predictor", str(r.predictor))
+    return t
+
+
 def export_predictor(run: Path, ckpt: Path, tokenizer, stats: dict) -> Path:
     """``RUN/predictor/``: the checkpoint's predictor weights, config and tokenizer."""
     from safetensors.torch import load_file
