@@ -411,6 +411,13 @@ def test_training_runs_resumes_after_a_killed_worker_and_exports(tmp_path, capti
     assert {"loss_lm", "loss_contrastive", "loss_nearest", "val_token_acc"} <= set(rows[-1])
     assert (tmp_path / "a" / "plots" / "loss.png").is_file()
     assert a.predict_prompts(TEXTS).shape == (3, 4, 64)
+    from rich.console import Console
+
+    from embed.pformer import render_pformer
+
+    console = Console(record=True, width=120)
+    console.print(render_pformer(clean))
+    assert "held-out token accuracy" in console.export_text()
     # --resume with more steps continues from the last checkpoint
     from embed.pformer import PFormerConfig
 
