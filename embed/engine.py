@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from embed.packing import PromptIds
+from embed.prompts import PFORMER_POOLINGS
 from store.errors import InputError
 
 ENGINES = ("auto", "hf", "vllm")
@@ -28,7 +29,7 @@ class EngineConfig:
     """How an engine computes: which layer, pooling, numeric type and device."""
 
     model: str
-    pooling: str = "last"  # "last" (of each facet) or "mean" (over the caption's tokens)
+    pooling: str = "last"  # "last" (of each facet), "mean" (over the caption's tokens), or pformer*
     layer: int = -1  # hidden_states[layer]; -1 = last (see embed.prompts.Recipe.layer)
     final_norm: bool = True
     dtype: str = "float32"
@@ -199,6 +200,11 @@ def make_engine(kind: str, cfg: EngineConfig) -> Engine:
         raise InputError(
             f"unknown compute dtype {cfg.dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
         )
+    if cfg.pooling in PFORMER_POOLINGS:  # a P-Former predictor, not an LLM
+        from embed.pformer_engine import PFormerEngine, check_engine
+
+        check_engine(kind)
+        return PFormerEngine(cfg)
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
-from embed.prompts import Recipe, get_recipe
+from embed.prompts import PFORMER_POOLINGS, Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
 from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
 from store.errors import FacetclipError, InputError
@@ -281,12 +281,17 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
             "fix the input or pass --on-duplicate keep-first"
         )
 
-    info = inspect_model(cfg.model)
-    recipe = replace(
-        recipe,
-        model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
-        model_fingerprint=model_fingerprint(info.path),
-    )
+    if recipe.pooling in PFORMER_POOLINGS:  # the "model" is a P-Former predictor
+        from embed.pformer_engine import pformer_recipe
+
+        recipe, info = pformer_recipe(recipe, cfg.model)
+    else:
+        info = inspect_model(cfg.model)
+        recipe = replace(
+            recipe,
+            model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
+            model_fingerprint=model_fingerprint(info.path),
+        )
     text_columns = recipe.columns if cfg.store_text else []
     layout = layout_metadata(recipe.vector_names, info.hidden_size, recipe.dtype, text_columns)
     shard_rows = cfg.shard_rows
@@ -312,6 +317,10 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
         cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem,
         writer=f"facetclip embed {cfg.captions} --out {cfg.out}",
     )  # fmt: skip
+    if recipe.pooling in PFORMER_POOLINGS:
+        from embed.pformer_engine import write_cache_head
+
+        write_cache_head(cache, recipe, Path(info.path))
     return EmbedPlan(
         cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path)
     )
