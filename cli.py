@@ -139,7 +139,8 @@ def embed(
         str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
     ] = "flame",
     engine: Annotated[
-        str, typer.Option(help="auto | hf | vllm (auto: vllm when importable with a GPU)")
+        str,
+        typer.Option(help="auto | hf | vllm (auto: vllm on a GPU with vLLM installed, else hf)"),
     ] = "auto",
     dtype: Annotated[
         str | None, typer.Option(help="Storage dtype: float16 | float32 | int8 (default: recipe's)")
@@ -170,7 +171,9 @@ def embed(
     token_budget: Annotated[
         int, typer.Option(min=64, help="hf engine: padded tokens per forward pass.")
     ] = 16384,
-    device: Annotated[str, typer.Option(help="hf engine: auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (vllm: the device its build serves)")
+    ] = "auto",
     engines: Annotated[
         int, typer.Option(min=1, help="Engine actors on Ray (one GPU each for vllm); 1: no Ray.")
     ] = 1,
@@ -210,6 +213,7 @@ def embed(
     )
     s = run_embed(cfg, progress=progress)
     t = Table(title=f"embed -> {s.out}", show_header=False)
+    t.add_row("engine", s.engine or "none loaded (nothing to embed)")
     t.add_row("rows embedded", f"{s.rows:,}")
     t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
     t.add_row("shards written", str(s.shards_written))

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
+from embed.engine import (
+    Engine,
+    EngineConfig,
+    inspect_model,
+    make_engine,
+    model_fingerprint,
+    pick_engine,
+)
 from embed.inputs import (
     CaptionBatch,
     CaptionSource,
@@ -95,6 +102,7 @@ class EmbedSummary:
     engines: int = 1
     engine_failures: int = 0  # engine actors that died and were replaced (engines > 1)
     seconds: float = 0.0
+    engine: str = ""  # the engine that ran and why (--engine auto says what it picked)
 
     def add(self, stats: ShardStats) -> None:
         self.rows += stats.rows
@@ -367,6 +375,8 @@ def run_embed(
         for index, shard in plan.todo(summary, bar):
             if engine is None:  # loaded only when there is work: a finished cache never loads it
                 engine = make_engine(cfg.engine, engine_config(cfg, recipe))
+                summary.engine = describe_engine(cfg)
+            summary.engine = summary.engine or getattr(engine, "name", type(engine).__name__)
             embedder = embedder or ShardEmbedder(
                 recipe, tokenizer, engine, plan.schema, plan.duplicates, cfg.batch_rows
             )
@@ -380,6 +390,12 @@ def run_embed(
             engine.close()  # frees the GPU (and vLLM's truncated-weights copy)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def describe_engine(cfg: EmbedConfig) -> str:
+    """What ``--engine`` ran and why, e.g. "hf (auto: the hf engine on the CPU ...)"."""
+    kind, why = pick_engine(cfg.engine, cfg.device)
+    return kind if cfg.engine != "auto" else f"{kind} ({why})"
 
 
 def _maybe_fault(shards_written: int) -> None:
