@@ -473,6 +473,18 @@ def assert_same_cache(got_root: Path, want_root: Path) -> None:
             assert got.column(name).equals(want.column(name)), name
 
 
+def test_vllm_cache_equals_the_hf_engines(vllm_model, synth_data, clean_cache, tmp_path):
+    """The cache `embed --engine vllm` writes is the hf engine's, within the fp32 tolerance
+    (both stored as float16): same rows, token counts and texts."""
+    from embed.pipeline import EmbedConfig, run_embed
+
+    out = tmp_path / "hf"
+    cfg = EmbedConfig(synth_data / "captions.parquet", str(vllm_model), out, recipe="flame-long",
+                      engine="hf", shard_rows=SHARD_ROWS, limit=N_CAPTIONS)  # fmt: skip
+    assert run_embed(cfg, progress=False).engine == "hf"
+    assert_same_cache(out, clean_cache)
+
+
 def test_killed_cli_run_resumes_to_the_clean_run(vllm_model, synth_data, clean_cache, tmp_path):
     """`python -m cli embed --engine vllm`, SIGKILLed after its first shard (vLLM's spawned
     engine processes must not outlive it), then the same command: the clean run's cache."""
