@@ -437,7 +437,9 @@ def smollm2_dir(vllm_device, tmp_path_factory):
     from embed.smollm2 import materialize_smollm2
 
     try:
-        return materialize_smollm2(tmp_path_factory.mktemp("models") / "smollm2", progress=False).out
+        return materialize_smollm2(
+            tmp_path_factory.mktemp("models") / "smollm2", progress=False
+        ).out
     except InputError as e:  # the wheel or its converters are absent
         if REQUIRE_VLLM:
             pytest.fail(str(e))
