@@ -333,13 +333,14 @@ def test_facet_vectors_name_their_answer_far_above_chance(
     long_cache, short_vectors, reference, rows
 ):
     """The cached vectors (recipe flame-long, and flame's short-caption facets) through the
-    LM head. Measured on the 24 captions (split tokenisation, as embed.tokenize builds ids):
+    LM head. Measured on the 24 captions (whole-prompt token ids, as embed.tokenize builds
+    them since the vLLM engine landed):
 
         pooled over 8 facets (186 answers)   top-1   top-5   other-caption top-5
-        as-is                                  30      63       8.2
-        skip-article                           50      84      13.0
-        main_object + short_main_object        15/48   28/48    0.6   (skip-article)
-        main/short_main_characteristic         19/48   25/48    2.9   (skip-article)
+        as-is                                  30      67       8.8
+        skip-article                           49      85      12.3
+        main_object + short_main_object        12/48   29/48    0.7   (skip-article)
+        main/short_main_characteristic         21/48   26/48    3.0   (skip-article)
 
     Uniform chance is ~0.02 top-5 hits per 24 answers, so every facet clears it by orders of
     magnitude; the honest baseline is the other-caption one. A 135M model answers with an

