@@ -29,7 +29,7 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from embed.engine import make_engine
+from embed.engine import load_tokenizer, make_engine
 from embed.pipeline import (
     EmbedConfig,
     EmbedError,
@@ -72,11 +72,7 @@ class EngineActor:
 
                 # One actor per logical CPU: one thread each, or N actors fight over cores.
                 torch.set_num_threads(1)
-            from transformers import AutoTokenizer
-
-            tokenizer = PromptTokenizer(
-                AutoTokenizer.from_pretrained(plan_parts["model_path"]), recipe
-            )
+            tokenizer = PromptTokenizer(load_tokenizer(plan_parts["model_path"]), recipe)
             engine = make_engine(cfg.engine, engine_config(cfg, recipe))
             self.embedder = ShardEmbedder(recipe, tokenizer, engine, plan_parts["schema"],
                                           plan_parts["duplicates"], cfg.batch_rows)  # fmt: skip
