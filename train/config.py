@@ -41,7 +41,10 @@ max_failures = 1          # worker restarts from the latest checkpoint
 
 from __future__ import annotations
 
+import numbers
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -174,6 +177,49 @@ class TrainConfig:
             raise InputError("data.image_size must be in 16..4096")
 
 
+def _fits(value, hint) -> bool:
+    """Whether a config value has its field's type (a TOML or --set value: bool, int, float,
+    str, list, table). An integer fits a float field; a boolean fits only a bool field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, numbers.Integral)
+    if hint is float:
+        return isinstance(value, numbers.Real)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a table", type(None): "unset"}  # fmt: skip
+    if hint in names:
+        return names[hint]
+    if origin in (tuple, list):
+        inner = _type_name(args[0]) if args else "values"
+        return f"a list of {len(args)} ({inner})" if origin is tuple else f"a list ({inner})"
+    return getattr(hint, "__name__", str(hint))
+
+
 def _drop_none(d):
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
@@ -190,11 +236,19 @@ def _build(cls, d: dict, where: str):
             f"unknown config field(s) {sorted(unknown)} in {where or 'the top level'}; known: {', '.join(known)}"
         )
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in d.items():
         default = known[name].default_factory() if callable(known[name].default_factory) else None
         if is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"[{where}{name}]")
-        elif isinstance(value, list) and name in ("betas", "crop_scale"):
+            continue
+        if not _fits(value, hints[name]):
+            field_name = f"{where.strip('[]')}.{name}" if where else name
+            raise InputError(
+                f"{field_name} must be {_type_name(hints[name])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+        if isinstance(value, list) and name in ("betas", "crop_scale"):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
