@@ -31,8 +31,9 @@ from embed.engine import (
     load_tokenizer,
     make_engine,
     model_fingerprint,
+    pick_engine,
 )
-from embed.prompts import Recipe, get_recipe
+from embed.prompts import PFORMER_POOLINGS, Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
 from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
 from store.errors import FacetclipError, InputError
@@ -110,6 +111,7 @@ class EmbedSummary:
     engines: int = 1
     engine_failures: int = 0  # engine actors that died and were replaced (engines > 1)
     seconds: float = 0.0
+    engine: str = ""  # the engine that ran and why (--engine auto says what it picked)
 
     def add(self, stats: ShardStats) -> None:
         self.rows += stats.rows
@@ -293,13 +295,18 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
             "fix the input or pass --on-duplicate keep-first"
         )
 
-    info = inspect_model(cfg.model)
+    if recipe.pooling in PFORMER_POOLINGS:  # the "model" is a P-Former predictor
+        from embed.pformer_engine import pformer_recipe
+
+        recipe, info = pformer_recipe(recipe, cfg.model)
+    else:
+        info = inspect_model(cfg.model)
+        recipe = replace(
+            recipe,
+            model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
+            model_fingerprint=model_fingerprint(info.path),
+        )
     check_device(cfg.device)
-    recipe = replace(
-        recipe,
-        model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
-        model_fingerprint=model_fingerprint(info.path),
-    )
     # Built here, before the cache exists: a model folder without tokenizer files is refused
     # without leaving an empty cache behind.
     tokenizer = PromptTokenizer(load_tokenizer(info.path), recipe)
@@ -328,6 +335,10 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
         cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem,
         writer=f"facetclip embed {cfg.captions} --out {cfg.out}",
     )  # fmt: skip
+    if recipe.pooling in PFORMER_POOLINGS:
+        from embed.pformer_engine import write_cache_head
+
+        write_cache_head(cache, recipe, Path(info.path))
     return EmbedPlan(
         cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path),
         tokenizer,
@@ -370,6 +381,8 @@ def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSu
         for index, shard in plan.todo(summary, bar):
             if engine is None:  # loaded only when there is work: a finished cache never loads it
                 engine = make_engine(cfg.engine, engine_config(cfg, recipe))
+                summary.engine = describe_engine(cfg, recipe)
+            summary.engine = summary.engine or getattr(engine, "name", type(engine).__name__)
             embedder = embedder or ShardEmbedder(
                 recipe, tokenizer, engine, plan.schema, plan.duplicates, cfg.batch_rows
             )
@@ -382,6 +395,12 @@ def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSu
         if own_engine and engine is not None and hasattr(engine, "close"):
             engine.close()  # frees the GPU (and vLLM's truncated-weights copy)
     return summary
+
+
+def describe_engine(cfg: EmbedConfig, recipe: Recipe) -> str:
+    """What ``--engine`` ran and why, e.g. "hf (auto: the hf engine on the CPU ...)"."""
+    kind, why = pick_engine(cfg.engine, cfg.device, recipe.pooling)
+    return kind if cfg.engine != "auto" else f"{kind} ({why})"
 
 
 def _maybe_fault(shards_written: int) -> None:
@@ -550,6 +569,7 @@ def render_embed(s: EmbedSummary):
     from rich.table import Table
 
     t = Table(title=f"embed -> {s.out}", show_header=False)
+    t.add_row("engine", s.engine or "none loaded (nothing to embed)")
     t.add_row("rows embedded", f"{s.rows:,}")
     t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
     t.add_row("shards written", str(s.shards_written))

@@ -588,7 +588,27 @@ CASES = [
          Refused(r"smollm2: .*o exists and is not a directory; choose another OUT")),
     Case("S07", "tiny-llm OUT is a file", lambda w, d: ["tiny-llm", _text(d, "o", "x"), "--steps",
          "0"], Refused(r"tiny-llm: .*o exists and is not a directory; choose another OUT")),
+    # pformer: its own trainer over captions (not images), the same readers and config rules
+    Case("F01", "pformer without CAPTIONS", lambda w, d: ["pformer", "--model", w.model, "--out",
+         d / "pf"], Refused(r"missing CAPTIONS \(or pass --resume RUN\)")),
+    Case("F02", "pformer --resume of a folder that is no run", lambda w, d: ["pformer", "--resume",
+         d], Refused(r"is not a pformer run")),
+    Case("F03", "pformer with a model folder without tokenizer files", lambda w, d: _pf(w, d,
+         "--model", _no_tokenizer(w, d)), Refused(r"cannot load the tokenizer of .*none of the")),
+    Case("F04", "pformer --set optim.lr=abc", lambda w, d: _pf(w, d, "--set", "optim.lr=abc"),
+         Refused(r"optim\.lr must be a number, got 'abc' \(str\)")),
+    Case("F05", "pformer --set nosuch.field=1", lambda w, d: _pf(w, d, "--set", "nosuch.field=1"),
+         Refused(r"'nosuch' is not a config section")),
+    Case("F06", "pformer on a 0-byte captions file", lambda w, d: _pf(w, d, captions=_zero(d,
+         "c.jsonl")), Refused(r"c\.jsonl is empty \(0 bytes\)")),
+    Case("F07", "pformer --out is a file", lambda w, d: _pf(w, d, out=_text(d, "o", "x")),
+         Refused(r"o: Not a directory")),
 ]  # fmt: skip
+
+
+def _pf(w: World, d: Path, *extra, captions=None, out=None) -> list:
+    return ["pformer", captions or w.caps, "--model", w.model, "--out", out or d / "pf",
+            "--steps", "1", "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
 
 
 # --- small builders the table uses ---------------------------------------------------------
@@ -761,9 +781,13 @@ BROKEN: dict[str, tuple[Callable, dict[str, tuple[str, str]]]] = {
                            "--name", "nosuch-layout-check"],
              {"RUN": ("dir", "in"), "--data": ("dir", "in")}),
     "demo": (lambda w, p: ["demo", "--out", p["--out"], "--n", "200"], {"--out": ("dir", "out")}),
+    "pformer": (lambda w, p: ["pformer", p["CAPTIONS"], "--model", p["--model"], "--out",
+                              p["--out"], "--steps", "1", "--batch-size", "100000", "--no-progress"],
+                {"CAPTIONS": ("file", "in"), "--model": ("dir", "in"), "--out": ("dir", "out")}),
 }  # fmt: skip
-# (train's --tower resnet_nosuch and sweep's config with an unknown field make sure that a
-# broken path which happens to be accepted still ends in a one-line refusal, not a real run.)
+# (train's --tower resnet_nosuch, pformer's batch larger than its captions and sweep's config
+# with an unknown field make sure that a broken path which happens to be accepted still ends in
+# a one-line refusal, not a real run.)
 
 BROKEN_KINDS = ("missing", "wrong-kind", "under-a-file", "under-proc")
 

@@ -41,15 +41,10 @@ max_failures = 1          # worker restarts from the latest checkpoint
 
 from __future__ import annotations
 
-import numbers
-import tomllib
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
+from store.config import TomlConfig
 from store.errors import InputError
-from store.tomlfile import dump_toml, read_toml
 from train.model import IMAGE_HEADS, TEXT_HEADS, ModelConfig
 
 
@@ -85,7 +80,7 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TomlConfig):
     images: str = ""
     cache: str = ""
     out: str = ""
@@ -100,55 +95,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataOptions = field(default_factory=DataOptions)
     run: RunOptions = field(default_factory=RunOptions)
-
-    # --- (de)serialisation ---------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_toml(self) -> str:
-        return dump_toml(_drop_none(self.to_dict()))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return _build(cls, d, "")
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_toml(path, "config"))
-
-    def override(self, assignments: list[str]) -> TrainConfig:
-        """Apply ``--set section.field=value`` overrides (values parsed as TOML, else strings)."""
-        values = {}
-        for a in assignments:
-            if "=" not in a:
-                raise InputError(f"--set expects FIELD=VALUE (e.g. optim.lr=1e-3), got {a!r}")
-            path, raw = a.split("=", 1)
-            try:
-                values[path.strip()] = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                values[path.strip()] = raw
-        return self.assign(values)
-
-    def assign(self, values: dict, source: str = "--set") -> TrainConfig:
-        """A copy with dotted fields set (``{"optim.lr": 1e-3}``); an unknown field is an
-        InputError naming it and ``source`` (``--set``, or a sweep.toml table). Inside a
-        free-form table (``model.tower_kwargs``) any key goes."""
-        d = self.to_dict()
-        for path, value in values.items():
-            node, section = d, self
-            parts = path.strip().split(".")
-            for p in parts[:-1]:
-                child = getattr(section, p, None) if section is not None else node.get(p, {})
-                if not (is_dataclass(child) or isinstance(child, dict)):
-                    raise InputError(f"{source} {path}: {p!r} is not a config section")
-                node = node.setdefault(p, {})
-                section = child if is_dataclass(child) else None
-            if section is not None and parts[-1] not in node:
-                raise InputError(
-                    f"{source} {path}: unknown field; known: {', '.join(sorted(node))}"
-                )
-            node[parts[-1]] = value
-        return TrainConfig.from_dict(d)
 
     def validate(self) -> None:
         """Checks that need no data and no Ray (the cache/images checks come in train.loop)."""
@@ -175,84 +121,3 @@ class TrainConfig:
             )
         if not 16 <= self.data.image_size <= 4096:
             raise InputError("data.image_size must be in 16..4096")
-
-
-def _fits(value, hint) -> bool:
-    """Whether a config value has its field's type (a TOML or --set value: bool, int, float,
-    str, list, table). An integer fits a float field; a boolean fits only a bool field."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return False
-    if hint is int:
-        return isinstance(value, numbers.Integral)
-    if hint is float:
-        return isinstance(value, numbers.Real)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (tuple, list) or hint in (tuple, list):
-        if not isinstance(value, list | tuple):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(map(_fits, value, args))
-        return not args or all(_fits(v, args[0]) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _type_name(hint) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-             dict: "a table", type(None): "unset"}  # fmt: skip
-    if hint in names:
-        return names[hint]
-    if origin in (tuple, list):
-        inner = _type_name(args[0]) if args else "values"
-        return f"a list of {len(args)} ({inner})" if origin is tuple else f"a list ({inner})"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _drop_none(d):
-    if isinstance(d, dict):
-        return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    return d
-
-
-def _build(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise InputError(f"config section {where or 'top level'} must be a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
-    if unknown:
-        raise InputError(
-            f"unknown config field(s) {sorted(unknown)} in {where or 'the top level'}; known: {', '.join(known)}"
-        )
-    kwargs = {}
-    hints = typing.get_type_hints(cls)
-    for name, value in d.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"[{where}{name}]")
-            continue
-        if not _fits(value, hints[name]):
-            field_name = f"{where.strip('[]')}.{name}" if where else name
-            raise InputError(
-                f"{field_name} must be {_type_name(hints[name])}, got {value!r} "
-                f"({type(value).__name__})"
-            )
-        if isinstance(value, list) and name in ("betas", "crop_scale"):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise InputError(f"bad config {where}: {e}") from None
