@@ -372,10 +372,11 @@ def train_pformer(
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
+        from store.cluster import ray_failure_cause
+
         raise PFormerError(
             f"pformer training failed after {cfg.run.max_failures} restart(s): "
-            f"{type(e).__name__}: {str(e)[-800:]}\n"
-            f"Fix the cause, then continue with: facetclip pformer --resume {run}"
+            f"{ray_failure_cause(e)}. Then continue with: facetclip pformer --resume {run}"
         ) from None
     finally:
         bar.close()
