@@ -3,25 +3,34 @@ public faces (``from embed import run_embed``); nothing else.
 
 One rule for output: a package renders its own results (``render_*`` beside the result type,
 returning a rich renderable or markup), ``--json`` prints the result's ``to_dict()``, and this
-file only prints. Errors a user can cause (``FacetclipError``) are printed as one clear line
-and exit 2; anything else is a bug and shows its traceback.
+file only prints.
+
+One rule for failures (``user_errors``): an expected failure prints one line, ``error: ...``
+saying what to do, and exits 2 -- errors a user can cause (``FacetclipError``: bad input,
+bad values, models that cannot be loaded), I/O (``OSError``: a missing path, permissions, a
+full disk, a file where a folder belongs) and memory. Ctrl-C exits 130 with one line. Anything
+else is a bug in facetclip: its traceback, then a line saying so, exit 1. (Typer's own usage
+errors -- an option out of range, a missing argument -- keep click's usage message, exit 2.)
 
 Importing this module imports neither torch nor Ray: each command imports what it runs.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from store.errors import FacetclipError
+from store.errors import FacetclipError, InputError
 
 app = typer.Typer(
     help="A frozen LLM as the text tower of a CLIP-style model: embed captions once, train vision towers many times.",
@@ -33,20 +42,80 @@ console = Console()
 err = Console(stderr=True)
 
 
+BUG_LINE = (
+    "this is a bug in facetclip, not a mistake of yours: please report it with the traceback "
+    "above and the command you ran"
+)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    # escape: a message may hold brackets ("pip install 'facetclip[smollm2]'") that rich would
+    # otherwise take for markup and drop; soft_wrap: one line, whatever the terminal's width.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
 def user_errors(fn):
-    """Print a user error's message (no traceback) and exit 2."""
+    """One line and exit 2 for an expected failure; a traceback and a bug line otherwise
+    (the rule is in the module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise  # typer's own exits and usage errors
         except FacetclipError as e:
-            # escape: a message may hold brackets ("pip install 'facetclip[smollm2]'") that rich
-            # would otherwise take for markup and drop.
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(2) from None
+            raise _fail(str(e)) from None
+        except BrokenPipeError:  # `facetclip sql ... | head`: the reader left; nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except OSError as e:
+            raise _fail(os_error_message(e)) from None
+        except MemoryError:
+            raise _fail(
+                "out of memory; free memory (other jobs), or make the run smaller (--limit, "
+                "fewer --workers, a smaller batch size) and run the same command again"
+            ) from None
+        except KeyboardInterrupt:
+            raise _fail(
+                "interrupted; run the same command again to continue (embed resumes its "
+                "cache, train continues with --resume RUN)",
+                code=130,
+            ) from None
+        except Exception:
+            traceback.print_exc()
+            err.print(f"[bold red]bug:[/] {BUG_LINE}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+# What to do about an OSError, by errno: the path it names is in the message already.
+_OS_ADVICE = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "it is on a read-only file system; choose another path",
+    errno.ENOSPC: "the disk is full; free space or write elsewhere, then run the same command "
+    "again (embed resumes its cache; train continues with --resume RUN)",
+    errno.EDQUOT: "the disk quota is exhausted; free space or write elsewhere, then run the "
+    "same command again",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "it is a folder; give a file",
+    errno.EEXIST: "it exists already; choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) and run it again",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the path(s), the system's reason, what to do."""
+    reason = e.strerror or str(e) or type(e).__name__
+    paths = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    where = f"{' -> '.join(paths)}: " if paths else ""
+    advice = _OS_ADVICE.get(e.errno)
+    return f"{where}{reason}" + (f"; {advice}" if advice else "")
 
 
 def _quiet_libraries() -> None:
@@ -162,7 +231,7 @@ def _parse_columns(values: list[str]) -> dict[str, str]:
     mapping = {}
     for v in values:
         if "=" not in v:
-            raise typer.BadParameter(f"--column expects RECIPE_COLUMN=INPUT_COLUMN, got {v!r}")
+            raise InputError(f"--column expects RECIPE_COLUMN=INPUT_COLUMN, got {v!r}")
         a, b = v.split("=", 1)
         mapping[a.strip()] = b.strip()
     return mapping
@@ -423,7 +492,7 @@ def export(
     from store import EXPORT_FORMATS, export_npy, render_export
 
     if format not in EXPORT_FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
+        raise InputError(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
     console.print(render_export(export_npy(cache, out, facets=facet or None, overwrite=overwrite)))
 
 
@@ -490,7 +559,7 @@ def train_cmd(
         cfg = cfg.assign(given, source="option").override(set_)
         missing = [n for n in ("images", "cache", "out") if not getattr(cfg, n)]
         if missing:
-            raise typer.BadParameter(
+            raise InputError(
                 f"missing {', '.join('--' + m for m in missing)} (or set them in --config)"
             )
     r = run_training(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
@@ -565,7 +634,7 @@ def pformer(
             n for n, v in (("CAPTIONS", captions), ("--model", model), ("--out", out)) if not v
         ]
         if missing:
-            raise typer.BadParameter(f"missing {', '.join(missing)} (or pass --resume RUN)")
+            raise InputError(f"missing {', '.join(missing)} (or pass --resume RUN)")
         cfg = PFormerConfig(captions=str(captions), model=model, out=str(out), column=column,
                             batch_size=batch_size, seed=seed)  # fmt: skip
         if steps is not None:

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
-from embed.engine import make_engine
+from embed.engine import load_tokenizer, make_engine
 from embed.pipeline import (
     EmbedConfig,
     EmbedError,
@@ -78,11 +78,7 @@ class EngineActor:
                 # (its "auto" binding sees the whole machine); unbound, it takes the one
                 # OpenMP thread Ray gives the actor and the OS spreads the actors.
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            from transformers import AutoTokenizer
-
-            tokenizer = PromptTokenizer(
-                AutoTokenizer.from_pretrained(plan_parts["model_path"]), recipe
-            )
+            tokenizer = PromptTokenizer(load_tokenizer(plan_parts["model_path"]), recipe)
             engine = make_engine(cfg.engine, engine_config(cfg, recipe))
             self.embedder = ShardEmbedder(recipe, tokenizer, engine, plan_parts["schema"],
                                           plan_parts["duplicates"], cfg.batch_rows)  # fmt: skip

@@ -137,6 +137,55 @@ def _is_decoder_lm(model_type: str, archs: list[str], causal_types) -> bool:
     return model_type in causal_types
 
 
+# The files a Hugging Face tokenizer is built from (any one of them, with its config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path: Path):
+    """The model folder's tokenizer; InputError (not transformers' traceback) when it has no
+    usable tokenizer files, naming what was looked for."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        present = [f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+        wanted = ", ".join(TOKENIZER_FILES)
+        if not present:
+            raise InputError(
+                f"cannot load the tokenizer of {path}: it has none of the tokenizer files "
+                f"({wanted}); copy them from the model's source"
+            ) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"cannot load the tokenizer of {path} ({type(e).__name__}: {first}); it has "
+            f"{', '.join(present)} of the tokenizer files ({wanted}): check them against the "
+            "model's source"
+        ) from None
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (auto, cpu, cuda, cuda:N), else InputError."""
+    import torch
+
+    try:
+        parsed = torch.device("cpu" if device == "auto" else device)
+    except RuntimeError:
+        raise InputError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError(
+                f"--device {device}: no CUDA GPU is visible on this machine; use --device cpu "
+                "(or auto)"
+            )
+        if parsed.index is not None and parsed.index >= n:
+            raise InputError(f"--device {device}: this machine has {n} GPU(s) (cuda:0..{n - 1})")
+    elif parsed.type != "cpu":
+        raise InputError(f"--device {device}: the hf engine runs on cpu or cuda")
+    return device
+
+
 def check_layer(layer: int, num_layers: int) -> int:
     """The number of decoder layers to run for ``layer`` (-1 = all)."""
     if layer == -1:

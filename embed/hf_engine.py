@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from embed.engine import EngineConfig, check_layer, inspect_model
+from embed.engine import EngineConfig, check_device, check_layer, inspect_model, load_tokenizer
 from embed.packing import (
     PromptIds,
     additive_mask,
@@ -60,7 +60,7 @@ class HFEngine:
         """Load ``cfg.model`` from disk; or wrap an already built ``model`` (e.g. random
         weights from a config for benchmarks) with ``pad_id`` — see ``from_model``."""
         self.cfg = cfg
-        device = cfg.device
+        device = check_device(cfg.device)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -69,9 +69,7 @@ class HFEngine:
             info = inspect_model(cfg.model)
             self.n_layers = check_layer(cfg.layer, info.num_layers)
             model = load_decoder(info.path, self.n_layers, cfg.final_norm, self.dtype, device)
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(info.path)
+            tok = load_tokenizer(info.path)
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         else:
             self.n_layers = model.config.num_hidden_layers

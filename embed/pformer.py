@@ -260,9 +260,7 @@ def prepare_run(
 ) -> tuple[PFormerConfig, dict]:
     """Every check that needs no Ray; tokenises the captions; returns the config to run and
     what the workers need (predictor config filled, token ids, LLM facts)."""
-    from transformers import AutoTokenizer
-
-    from embed.engine import inspect_model, model_fingerprint
+    from embed.engine import inspect_model, load_tokenizer, model_fingerprint
     from embed.pformer_model import caption_token_ids, llm_target_ids, new_predictor
 
     run = Path(cfg.out)
@@ -282,7 +280,7 @@ def prepare_run(
     cfg.validate()
 
     info = inspect_model(cfg.model)
-    llm_tok = AutoTokenizer.from_pretrained(info.path)
+    llm_tok = load_tokenizer(info.path)  # one line, not transformers' traceback, when absent
     pcfg = PredictorConfig.from_dict(asdict(cfg.predictor))
     model, enc_tok = new_predictor(pcfg, llm_tok, info.hidden_size)
     n_params = sum(p.numel() for p in model.parameters())
@@ -374,10 +372,11 @@ def train_pformer(
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
+        from store.cluster import ray_failure_cause
+
         raise PFormerError(
             f"pformer training failed after {cfg.run.max_failures} restart(s): "
-            f"{type(e).__name__}: {str(e)[-800:]}\n"
-            f"Fix the cause, then continue with: facetclip pformer --resume {run}"
+            f"{ray_failure_cause(e)}. Then continue with: facetclip pformer --resume {run}"
         ) from None
     finally:
         bar.close()

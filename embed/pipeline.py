@@ -26,7 +26,9 @@ import pyarrow as pa
 from embed.engine import (
     Engine,
     EngineConfig,
+    check_device,
     inspect_model,
+    load_tokenizer,
     make_engine,
     model_fingerprint,
     pick_engine,
@@ -40,11 +42,17 @@ from store.progress import Bar
 from store.tables import (
     CaptionBatch,
     CaptionSource,
-    available_columns,
+    NotText,
     count_rows,
     iter_caption_batches,
     iter_keys,
+    require_columns,
     resolve_format,
+)
+
+# What embed says when an input's columns do not match the recipe (plan says it too).
+COLUMNS_HINT = (
+    ". Map recipe columns with --column RECIPE_COLUMN=INPUT_COLUMN and the key with --key-column"
 )
 
 ON_DUPLICATE = ("error", "keep-first")
@@ -189,6 +197,7 @@ def _shards(
     """Input rows regrouped into shard-sized batches (start is a multiple of shard_rows)."""
     keys: list[str] = []
     cols: dict[str, list] = {c: [] for c in columns}
+    failed: list[str | None] = []
     start = 0
     read = 0
     for batch in iter_caption_batches(source, columns, batch_rows=min(shard_rows, 4096)):
@@ -199,18 +208,19 @@ def _shards(
         while pos < n:
             take = min(n - pos, shard_rows - len(keys))
             keys += batch.keys[pos : pos + take]
+            failed += batch.failed[pos : pos + take]
             for c in columns:
                 cols[c] += batch.columns[c][pos : pos + take]
             pos += take
             if len(keys) == shard_rows:
-                yield CaptionBatch(start, keys, cols)
+                yield CaptionBatch(start, keys, cols, failed)
                 start += len(keys)
-                keys, cols = [], {c: [] for c in columns}
+                keys, cols, failed = [], {c: [] for c in columns}, []
         read += n
         if limit is not None and read >= limit:
             break
     if keys:
-        yield CaptionBatch(start, keys, cols)
+        yield CaptionBatch(start, keys, cols, failed)
 
 
 class EmbedProgress:
@@ -246,6 +256,7 @@ class EmbedPlan:
     shard_rows: int
     total: int | None  # input rows to cover (None: unknown until read)
     model_path: Path  # the model's local folder (weights and tokenizer)
+    tokenizer: PromptTokenizer | None = None  # the recipe's tokenizer (in-process runs)
 
     def todo(self, summary: EmbedSummary, bar: EmbedProgress) -> Iterator[tuple[int, CaptionBatch]]:
         """(index, rows) of each shard still to embed; finished ones are counted and passed."""
@@ -273,14 +284,9 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
         raise InputError("--engines must be >= 1")
     recipe = resolve_recipe(cfg)
     source = CaptionSource(Path(cfg.captions), cfg.input_format, cfg.key_column)
-    found = available_columns(source)
-    needed = [cfg.key_column, *recipe.columns]
-    missing = [c for c in needed if c not in found]
-    if missing:
-        raise InputError(
-            f"column(s) {missing} not found in {cfg.captions}; columns found: {', '.join(found)}. "
-            "Map recipe columns with --column RECIPE_COLUMN=INPUT_COLUMN and the key with --key-column"
-        )
+    require_columns(source, [cfg.key_column, *recipe.columns], COLUMNS_HINT)
+    # The key pass reads every key (and checks each by the key rule), so a bad key, a
+    # duplicate or an input without rows is refused here, before the model loads.
     duplicates = find_duplicates(source, cfg.limit)
     if duplicates and cfg.on_duplicate == "error":
         shown = ", ".join(repr(k) for k in list(duplicates)[:5])
@@ -300,6 +306,10 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
             model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
             model_fingerprint=model_fingerprint(info.path),
         )
+    check_device(cfg.device)
+    # Built here, before the cache exists: a model folder without tokenizer files is refused
+    # without leaving an empty cache behind.
+    tokenizer = PromptTokenizer(load_tokenizer(info.path), recipe)
     text_columns = recipe.columns if cfg.store_text else []
     layout = layout_metadata(recipe.vector_names, info.hidden_size, recipe.dtype, text_columns)
     shard_rows = cfg.shard_rows
@@ -330,8 +340,9 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
 
         write_cache_head(cache, recipe, Path(info.path))
     return EmbedPlan(
-        cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path)
-    )
+        cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path),
+        tokenizer,
+    )  # fmt: skip
 
 
 def run_embed(
@@ -360,10 +371,8 @@ def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSu
 
         return run_distributed(plan, progress)
 
-    from transformers import AutoTokenizer
-
     recipe = plan.recipe
-    tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(plan.model_path), recipe)
+    tokenizer = plan.tokenizer or PromptTokenizer(load_tokenizer(plan.model_path), recipe)
     summary = EmbedSummary(out=plan.cache.root)
     bar = EmbedProgress(plan.total, progress)
     embedder = None
@@ -421,16 +430,30 @@ def engine_config(cfg: EmbedConfig, recipe: Recipe) -> EngineConfig:
 
 
 def skip_reason(
-    row: int, key: str, texts: list, columns: list[str], duplicates: dict[str, int]
+    row: int,
+    key: str,
+    texts: list,
+    columns: list[str],
+    duplicates: dict[str, int],
+    failed: str | None = None,
 ) -> str | None:
-    """Why input row ``row`` is not embedded, or None to embed it."""
-    if key is None or key == "":
-        return "missing key"
+    """Why input row ``row`` is not embedded, or None to embed it. (Keys are never missing
+    here: the table reader refuses a row without a valid key.)
+
+    The reasons, in the order they are checked: ``failed download (STATUS)`` (img2dataset's
+    status is not "success", or its image is null: the LLM pass is the expensive one, and
+    training could not use the row), ``duplicate key`` (``--on-duplicate keep-first``: all but
+    the first), ``null caption in COL``, ``non-text caption in COL (TYPE)`` (a JSON number,
+    boolean, array or object: never its repr), ``empty caption in COL`` (blank)."""
+    if failed is not None:
+        return f"failed download ({failed})"
     if key in duplicates and duplicates[key] != row:
         return "duplicate key"
     for c, t in zip(columns, texts, strict=True):
         if t is None:
             return f"null caption in {c}"
+        if isinstance(t, NotText):
+            return f"non-text caption in {c} ({t.type})"
         if not t.strip():
             return f"empty caption in {c}"
     return None
@@ -478,7 +501,7 @@ class ShardEmbedder:
         for i, key in enumerate(shard.keys):
             row = shard.start + i
             texts = [shard.columns[c][i] for c in recipe.columns]
-            reason = skip_reason(row, key, texts, recipe.columns, self.duplicates)
+            reason = skip_reason(row, key, texts, recipe.columns, self.duplicates, shard.failed[i])
             if reason is None:
                 kept.append(i)
             else:

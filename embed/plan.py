@@ -37,13 +37,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embed.engine import check_layer, inspect_model
+from embed.engine import check_layer, inspect_model, load_tokenizer
 from embed.packing import PromptIds
-from embed.pipeline import recipe_with_overrides, skip_reason
+from embed.pipeline import COLUMNS_HINT, recipe_with_overrides, skip_reason
 from embed.prompts import DTYPES, PFORMER_POOLINGS, Recipe
 from embed.tokenize import EncodedCaption, PromptTokenizer
 from store.errors import InputError
-from store.tables import CaptionSource, available_columns, count_rows, iter_caption_batches
+from store.tables import CaptionSource, count_rows, iter_caption_batches, require_columns
 
 # Peak dense bf16 tensor-core FLOP/s (SXM parts; the 2x "with sparsity" figures do not apply).
 GPU_PEAK_BF16: dict[str, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
@@ -90,7 +90,7 @@ class TokenCounts:
     """Counts over a set of input rows (a sample, or extrapolated to the whole input)."""
 
     rows: int = 0  # input rows read
-    embedded: int = 0  # rows embed would embed (not skipped for a missing key or caption)
+    embedded: int = 0  # rows embed would embed (not skipped: a failed download, or no caption text)
     packed: int = 0
     naive: int = 0
     packed_pairs: int = 0
@@ -148,7 +148,9 @@ def count_sample(
                 texts = [batch.columns[c][i] for c in recipe.columns]
                 # No duplicate check here: it needs a pass over every key, and embed refuses
                 # duplicates anyway.
-                if skip_reason(batch.start + i, batch.keys[i], texts, recipe.columns, {}):
+                if skip_reason(
+                    batch.start + i, batch.keys[i], texts, recipe.columns, {}, batch.failed[i]
+                ):
                     total = total + TokenCounts(rows=1)
                     continue
                 keys.append(batch.keys[i])
@@ -363,28 +365,19 @@ def make_plan(cfg: PlanConfig) -> Plan:
         raise InputError(f"--rows must be at least 1, got {cfg.rows}")
     recipe = recipe_with_overrides(cfg.recipe, None, cfg.layer, cfg.columns)
     source = CaptionSource(Path(cfg.captions), cfg.input_format, cfg.key_column)
-    found = available_columns(source)
-    missing = [c for c in [cfg.key_column, *recipe.columns] if c not in found]
-    if missing:
-        raise InputError(
-            f"column(s) {missing} not found in {cfg.captions}; columns found: {', '.join(found)}. "
-            "Map recipe columns with --column RECIPE_COLUMN=INPUT_COLUMN and the key with --key-column"
-        )
+    require_columns(source, [cfg.key_column, *recipe.columns], COLUMNS_HINT)
 
     if recipe.pooling in PFORMER_POOLINGS:  # the model is a P-Former predictor
         from embed.pformer_engine import plan_pformer
 
         return plan_pformer(cfg, recipe, source)
     info = inspect_model(cfg.model, weights=False)  # config.json + tokenizer are enough
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(info.path))
     layers = check_layer(recipe.layer, info.num_layers)
     per_token = _params_per_token(info.path, shape, layers)
-    try:
-        tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(info.path), recipe)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the tokenizer of {info.path}: {e}") from None
+    tokenizer = PromptTokenizer(load_tokenizer(info.path), recipe)
 
     sample, exhausted = count_sample(source, recipe, tokenizer, cfg.sample)
     if sample.rows == 0:

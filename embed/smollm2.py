@@ -209,6 +209,8 @@ def materialize_smollm2(
     if out.is_dir() and any(out.iterdir()) and recorded is None and not overwrite:
         raise InputError(f"smollm2: {out} is not empty; pass --overwrite to replace it")
     check_converters()
+    # Where the model goes must be writable before the minute of dequantising, not after.
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     console.print(
         f"smollm2: dequantising {source.path.name} ({source.path.stat().st_size / 1e6:.0f} MB, "

@@ -456,10 +456,11 @@ def run_sweep(
             records.append({"name": t.name, "params": t.params, "metrics": {},
                             "error": errors.get(t.name, "no result")})  # fmt: skip
     if all("error" in r for r in records):
+        first = records[0]
         raise SweepError(
-            "every trial failed:\n"
-            + "\n".join(f"  {r['name']}: {r['error']}" for r in records)
-            + f"\nRuns are in {out / 'runs'}; fix the cause and rerun the same command to retry them."
+            f"every one of the {len(records)} trials failed (the first, {first['name']}: "
+            f"{first['error']}); runs are in {out / 'runs'}: fix the cause and rerun the same "
+            "command to retry them"
         )
     ranked = rank_trials(records, cfg.metric, cfg.direction)
     files = write_leaderboard(out, ranked, cfg.metric, cfg.direction, list(cfg.search))

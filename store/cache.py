@@ -531,9 +531,9 @@ class Cache:
             diff = recipe_diff(old, recipe)
             if diff:
                 raise CacheError(
-                    f"{root} was made with another recipe; refusing to mix vectors. Differences:\n"
-                    + "\n".join("  " + line for line in diff)
-                    + "\nUse another --out, or delete the cache to start over."
+                    f"{root} was made with another recipe; refusing to mix vectors. "
+                    f"Differences: {'; '.join(diff)}. Use another --out, or delete the cache "
+                    "to start over."
                 )
             if cache.manifest.layout != layout:
                 raise CacheError(

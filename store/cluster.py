@@ -1,9 +1,39 @@
-"""Starting or joining Ray: the one place both stages (and sweeps) do it.
+"""Starting or joining Ray: the one place both stages (and sweeps) do it, and the one place
+that says what a Ray failure means.
 
-``import ray`` happens inside the function: importing store/ never needs Ray.
+``import ray`` happens inside the functions: importing store/ never needs Ray.
+
+Memory of a local Ray (one machine, possibly shared with other jobs and other runs): the
+object store is capped (``object_store_bytes``: Ray's default takes 30% of the machine's
+memory per Ray instance, so two runs would claim 60% between them), and workers that sit idle
+are not kept around waiting for work that a train run never sends (Ray's default keeps as many
+as it has logical CPUs, each holding the libraries its last task imported). The memory monitor
+stays on: when the machine's memory use passes its threshold it kills a worker, and
+``ray_failure_cause`` says so in one line with the setting to change.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import re
+
+# A local Ray's object store: enough for Ray Data's blocks of decoded images in flight (it
+# spills to disk past this), small beside the machine.
+OBJECT_STORE_FRACTION = 0.05
+OBJECT_STORE_MIN = 256 << 20
+OBJECT_STORE_MAX = 2 << 30
+
+# The settings named in an out-of-memory message (environment variables Ray reads at start).
+MEMORY_THRESHOLD_ENV = "RAY_memory_usage_threshold"
+MEMORY_MONITOR_ENV = "RAY_memory_monitor_refresh_ms"
+
+
+def object_store_bytes(total_memory: int | None = None) -> int:
+    """The object store a local Ray gets: 5% of the machine's memory, within 256 MB..2 GB."""
+    if total_memory is None:
+        total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(max(total_memory * OBJECT_STORE_FRACTION, OBJECT_STORE_MIN), OBJECT_STORE_MAX))
 
 
 def init_ray(address: str | None, cpus_needed: int, num_cpus: int | None = None) -> bool:
@@ -12,16 +42,93 @@ def init_ray(address: str | None, cpus_needed: int, num_cpus: int | None = None)
 
     A local Ray gets more logical CPUs than the work needs (at least 4; ``num_cpus`` when
     given), whatever the core count: on a 2-core machine Ray Data's tasks and the driver's own
-    would otherwise queue behind the actors or training workers that hold every CPU.
+    would otherwise queue behind the actors or training workers that hold every CPU. Its
+    memory is bounded as the module docstring says.
     """
     import ray
 
     if ray.is_initialized():
         return False
+    # Ray 2.60 announces on every local start that it turned token authentication on (its
+    # secure default, which stays on); the line is noise on a user's terminal.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR
+    )
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=True,
                  logging_level="WARNING")  # fmt: skip
     else:
-        ray.init(num_cpus=num_cpus or max(4, cpus_needed + 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")  # fmt: skip
+        cpus = num_cpus or max(4, cpus_needed + 2)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING",
+                 object_store_memory=object_store_bytes(),
+                 # Idle workers beyond the ones in use are let go after a second.
+                 _system_config={"num_workers_soft_limit": 0})  # fmt: skip
     return True
+
+
+# --- what a Ray failure means -----------------------------------------------------------------
+
+_OOM = re.compile(r"running low on memory|NODE_OUT_OF_MEMORY|OutOfMemoryError")
+_USAGE = re.compile(
+    r"was ([\d.]+\s*[KMGT]?B) / ([\d.]+\s*[KMGT]?B) \(([\d.]+)\), which exceeds the memory "
+    r"usage threshold of ([\d.]+)"
+)
+
+
+def _exceptions(e: BaseException) -> list[BaseException]:
+    """``e`` and every exception it carries (causes, contexts, Ray's wrapped causes, Ray
+    Train's per-worker failures), outermost first."""
+    seen, out, todo = set(), [], [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen or not isinstance(x, BaseException):
+            continue
+        seen.add(id(x))
+        out.append(x)
+        todo += list(getattr(x, "worker_failures", {}).values())
+        todo += [getattr(x, "controller_failure", None), getattr(x, "cause", None)]
+        todo += [x.__cause__, x.__context__]
+    return out
+
+
+def _first_line(x: BaseException) -> str:
+    for line in str(x).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("ray::", "Traceback", "File ")):
+            return line
+    return ""
+
+
+def ray_failure_cause(e: BaseException) -> str:
+    """One line for an exception from a Ray run (``trainer.fit()``, a Tune run, an actor):
+    a kill by Ray's memory monitor, said plainly with the setting to change; a user error
+    raised in a worker, its own message; otherwise the type and first line of the innermost
+    cause (never Ray's whole text)."""
+    from store.errors import FacetclipError
+
+    chain = _exceptions(e)
+    text = "\n".join(f"{type(x).__name__}: {x}" for x in chain)
+    if _OOM.search(text):
+        usage = _USAGE.search(text)
+        seen = (
+            f" (this machine's memory in use was {usage[1]} of {usage[2]}, {usage[3]}; the "
+            f"threshold is {usage[4]}, and other jobs' memory counts too)"
+            if usage
+            else ""
+        )
+        return (
+            f"Ray's memory monitor killed a worker because the machine was low on memory{seen}. "
+            "Free memory (other runs on this machine), or make the run smaller (fewer "
+            "run.workers, a smaller batch_size or data.image_size); or raise Ray's threshold "
+            f"with {MEMORY_THRESHOLD_ENV}=0.98 (or turn the monitor off with "
+            f"{MEMORY_MONITOR_ENV}=0, leaving it to the kernel)"
+        )
+    for x in reversed(chain):
+        if isinstance(x, FacetclipError):
+            return str(x)
+    for x in reversed(chain):
+        line = _first_line(x)
+        if line:
+            return f"{type(x).__name__}: {line}"
+    return type(e).__name__

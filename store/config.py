@@ -18,7 +18,10 @@ field that is None is left out of the file and reads back as its default.
 
 from __future__ import annotations
 
+import numbers
 import tomllib
+import types
+import typing
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -33,9 +36,54 @@ def drop_none(d: Any) -> Any:
     return d
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has its field's type (a TOML or --set value: bool, int, float,
+    str, list, table). An integer fits a float field; a boolean fits only a bool field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is int:
+        return isinstance(value, numbers.Integral)
+    if hint is float:
+        return isinstance(value, numbers.Real)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # Any, Literal, ...: checked by the config's own validation, if at all
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             dict: "a table", type(None): "unset"}  # fmt: skip
+    if hint in names:
+        return names[hint]
+    if origin in (tuple, list):
+        inner = _type_name(args[0]) if args else "values"
+        return f"a list of {len(args)} ({inner})" if origin is tuple else f"a list ({inner})"
+    return getattr(hint, "__name__", str(hint))
+
+
 def build(cls: type, d: dict, where: str = "") -> Any:
     """``cls(**d)`` with nested sections built recursively, lists read into tuple fields, and
-    an InputError naming unknown fields (``where``: the section, for messages)."""
+    an InputError naming unknown fields or a value of the wrong type (``--set optim.lr=abc``
+    would otherwise surface as a TypeError deep in training; ``where``: the section, for
+    messages)."""
     if not isinstance(d, dict):
         raise InputError(f"config section {where or 'top level'} must be a table")
     known = {f.name: f for f in fields(cls)}
@@ -46,12 +94,20 @@ def build(cls: type, d: dict, where: str = "") -> Any:
             f"known: {', '.join(known)}"
         )
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in d.items():
         f = known[name]
         default = f.default_factory() if callable(f.default_factory) else f.default
         if is_dataclass(default):
             kwargs[name] = build(type(default), value, f"[{where}{name}]")
-        elif isinstance(default, tuple) and isinstance(value, list):
+            continue
+        if not _fits(value, hints[name]):
+            field_name = f"{where.strip('[]')}.{name}" if where else name
+            raise InputError(
+                f"{field_name} must be {_type_name(hints[name])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+        if isinstance(default, tuple) and isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value

@@ -36,12 +36,16 @@ import pyarrow.parquet as pq
 
 from store.errors import InputError
 from store.tables import (
+    IMAGE_BYTES_COLUMNS,
     CaptionSource,
     available_columns,
+    check_key_type,
     iter_caption_batches,
     listing,
     member_key,
+    parquet_keys,
     table_format,
+    tar_members,
 )
 
 IMAGE_FORMATS = ("auto", "webdataset", "parquet", "files", "csv")
@@ -49,7 +53,7 @@ IMAGE_FORMATS = ("auto", "webdataset", "parquet", "files", "csv")
 # image; img2dataset writes .jpg/.png/.webp.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # img2dataset names the Parquet bytes column after its encode format.
-BYTES_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")
+BYTES_COLUMNS = IMAGE_BYTES_COLUMNS
 
 IMAGE_ROWS = pa.schema(
     [
@@ -214,8 +218,7 @@ def _scan_webdataset(path: Path) -> ImageScan:
         try:
             # "r:" is seekable: headers are read, image data is seeked over, never read.
             with tarfile.open(tar_path, mode="r:") as tar:
-                while (member := tar.next()) is not None:
-                    tar.members.clear()  # constant memory over a large shard
+                for member in tar_members(tar, tar_path):  # checked: inside the file
                     split = member_key(member.name) if member.isfile() else None
                     if split and "." + split[1] in IMAGE_SUFFIXES:
                         keys.append(split[0])
@@ -245,6 +248,8 @@ def _scan_parquet(path: Path, key_column: str) -> ImageScan:
                     f"{file} lacks column {key_column!r} or image bytes column {column!r} "
                     f"(has {', '.join(names)})"
                 )
+            check_key_type(pf.schema_arrow.field(key_column).type, file, key_column)
+            row0 = 0
             for g in range(pf.metadata.num_row_groups):
                 group_rows[(src, g)] = pf.metadata.row_group(g).num_rows
                 if "status" in names:  # img2dataset's own verdict: no need to read any bytes
@@ -253,11 +258,14 @@ def _scan_parquet(path: Path, key_column: str) -> ImageScan:
                 else:
                     t = pf.read_row_group(g, columns=[key_column, column])
                     ok = pc.is_valid(t.column(column))
-                ok = pc.and_(ok, pc.is_valid(t.column(key_column))).to_numpy(zero_copy_only=False)
+                ok = ok.to_numpy(zero_copy_only=False)
+                # every row needs a valid key (the table reader's one rule), failed ones too
+                keys = parquet_keys(t.column(key_column).combine_chunks(), file, key_column, row0)
                 rows = np.flatnonzero(ok)
-                keys = t.column(key_column).cast(pa.string()).take(pa.array(rows))
+                keys = [keys[i] for i in rows]
                 chunks.append(_image_rows(keys, src, np.full(len(rows), g), rows))
                 failed += len(ok) - len(rows)
+                row0 += t.num_rows
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"cannot read {file} as Parquet: {e}") from None
     return ImageScan(_concat(chunks), "parquet", [str(f) for f in files], failed, column,
@@ -285,10 +293,13 @@ def _scan_table(path: Path, key_column: str, image_column: str) -> ImageScan:
     for batch in iter_caption_batches(source, [image_column], batch_rows=65536):
         named = [
             (key, rel)
-            for key, rel in zip(batch.keys, batch.columns[image_column], strict=True)
-            if rel
+            for key, rel, status in zip(
+                batch.keys, batch.columns[image_column], batch.failed, strict=True
+            )
+            if isinstance(rel, str) and rel and status is None  # not null, not a NotText
         ]
-        failed += len(batch.keys) - len(named)  # no image named: like a failed download
+        # no image named (or img2dataset says it failed): like a failed download
+        failed += len(batch.keys) - len(named)
         keys = [key for key, _ in named]
         # Paths are relative to the table's folder; an absolute path stays as it is.
         chunks.append(_image_rows(keys, paths=[str(path.parent / rel) for _, rel in named]))

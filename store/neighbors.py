@@ -77,6 +77,13 @@ def find_neighbors(
         raise CacheError(f"k must be >= 0, got {k}")
     qpath, qrow = _find_key(cache, key)
     _, qvecs = read_shard(qpath, [facet])
+    if not np.isfinite(qvecs[facet][qrow]).all() or not np.any(qvecs[facet][qrow]):
+        # No vector embed writes is zero or non-finite: ranking against it would list
+        # arbitrary captions with cosine 0 as "neighbours".
+        raise CacheError(
+            f"the {facet} vector of {key!r} in {cache.root} is all zeros or not finite, so it "
+            f"has no neighbours: the cache is damaged; run `facetclip verify {cache.root}`"
+        )
     query = _unit(qvecs[facet][qrow])
 
     # Running top-k over all shards: (scores, keys, shard path, row in shard) of the best so far.

@@ -263,9 +263,21 @@ def connect(cache_path: str | Path, memory_limit: str | None = None) -> duckdb.D
     except duckdb.Error as e:
         con.close()
         raise SQLError(
-            f"cannot open {cache_path} for SQL ({e}); run `facetclip verify {cache_path}`"
+            f"cannot open {cache_path} for SQL ({_message(e)}); run `facetclip verify {cache_path}`"
         ) from None
     return con
+
+
+def _message(e: Exception) -> str:
+    """DuckDB's message on one line: its own lines joined, without the ``LINE 1: ...`` echo of
+    the query and the caret under it (the user has the query in front of them)."""
+    kept = []
+    for line in str(e).splitlines():
+        if line.startswith("LINE "):
+            break
+        if line.strip():
+            kept.append(line.strip())
+    return " ".join(kept) or type(e).__name__
 
 
 def _refuse(what: str) -> SQLError:
@@ -288,7 +300,7 @@ def check_read_only(query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as e:
-        raise SQLError(str(e)) from None
+        raise SQLError(_message(e)) from None
     if not statements:
         raise SQLError("the query is empty; try: SELECT * FROM embeddings LIMIT 5")
     if len(statements) > 1:
@@ -341,13 +353,15 @@ def run_query(
     try:
         table = con.sql(query).to_arrow_table()
     except duckdb.PermissionException as e:
-        raise SQLError(f"queries are read-only and confined to the cache: {e}") from None
+        raise SQLError(f"queries are read-only and confined to the cache: {_message(e)}") from None
     except duckdb.InvalidInputException as e:
         if "configuration has been locked" in str(e):
-            raise SQLError(f"queries are read-only and confined to the cache: {e}") from None
-        raise SQLError(str(e)) from None
+            raise SQLError(
+                f"queries are read-only and confined to the cache: {_message(e)}"
+            ) from None
+        raise SQLError(_message(e)) from None
     except duckdb.Error as e:
-        raise SQLError(str(e)) from None
+        raise SQLError(_message(e)) from None
     finally:
         if own:
             con.close()
@@ -433,6 +447,13 @@ def write_result(
     output = Path(output)
     if output.is_dir():
         raise SQLError(f"--output {output} is a directory; give a file name")
+    if output.exists() and not output.is_file():
+        # The result is written beside it and renamed over it: a device or a pipe would be
+        # replaced by a plain file (as root, /dev/stdout or /dev/null itself).
+        raise SQLError(
+            f"--output {output} exists and is not a regular file; give a file name (csv and "
+            "json go to stdout without --output)"
+        )
     if not output.parent.is_dir():
         raise SQLError(f"cannot write {output}: directory {output.parent} does not exist")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")

@@ -184,7 +184,7 @@ def write_parquet(path: Path, rows: dict) -> Path:
 def test_missing_columns_list_what_was_found(tmp_path, tiny_model):
     p = write_parquet(tmp_path / "c.parquet", {"id": ["a"], "text": ["a star."]})
     with pytest.raises(
-        InputError, match=r"\['key', 'long_caption'\] not found.*columns found: id, text"
+        InputError, match=r"columns 'key', 'long_caption' not found.*columns found: id, text"
     ):
         embed(p, tiny_model, tmp_path / "c", recipe="flame-long")
 

@@ -256,4 +256,4 @@ def test_cli_bad_inputs(tmp_path, tiny_model):
     empty = Path(tmp_path / "empty.jsonl")
     empty.write_text("")
     r = runner.invoke(app, ["plan", str(empty), "--model", str(tiny_model), "--recipe", "flame"])
-    assert r.exit_code == 2 and "not found" in _stderr(r)
+    assert r.exit_code == 2 and "empty.jsonl is empty (0 bytes)" in _stderr(r)

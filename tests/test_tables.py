@@ -19,6 +19,7 @@ from store.tables import (
     FORMATS,
     CaptionBatch,
     CaptionSource,
+    NotText,
     available_columns,
     count_rows,
     iter_caption_batches,
@@ -149,13 +150,18 @@ def test_parquet_directory_reads_files_in_name_order(tmp_path):
     assert [k for keys in iter_keys(source, batch_rows=2) for k in keys] == KEYS
 
 
-def test_parquet_non_string_values_become_str(tmp_path):
+def test_parquet_integer_keys_are_decimal_str_and_non_text_columns_are_refused(tmp_path):
     path = tmp_path / "ints.parquet"
-    pq.write_table(pa.table({"id": [10, 11, 12], "score": [1.5, None, 3.0]}), path)
-    source = CaptionSource(path, key_column="id")
-    (batch,) = collect(source, ["score"])
+    pq.write_table(
+        pa.table({"id": [10, 11, 12], "score": [1.5, None, 3.0], "text": ["a", None, "c"]}), path
+    )
+    (batch,) = collect(CaptionSource(path, key_column="id"), ["text"])
     assert batch.keys == ["10", "11", "12"]
-    assert batch.columns == {"score": ["1.5", None, "3.0"]}
+    assert batch.columns == {"text": ["a", None, "c"]}
+    with pytest.raises(InputError, match="column 'score' is of type double, not text"):
+        collect(CaptionSource(path, key_column="id"), ["score"])
+    with pytest.raises(InputError, match="key column 'score' is of type double, not text or int"):
+        collect(CaptionSource(path, key_column="score"), ["text"])
 
 
 def test_img2dataset_parquet_never_reads_the_image_column(tmp_path, monkeypatch):
@@ -183,14 +189,14 @@ def test_img2dataset_parquet_never_reads_the_image_column(tmp_path, monkeypatch)
     assert flatten(batches, "caption") == (KEYS, [r["caption"] for r in ROWS])
     assert asked and all("jpg" not in cols for cols in asked)
     assert [k for keys in iter_keys(source) for k in keys] == KEYS
-    assert asked[-1] == ["key"]
+    assert asked[-1] == ["key", "status"]  # img2dataset's verdict, read instead of the bytes
 
 
 def test_jsonl_matches_json_module(tmp_path):
     path = tmp_path / "captions.jsonl"
     rows = [dict(r) for r in ROWS]
     del rows[1]["long_caption"]  # a missing field is a missing value
-    rows[3]["caption"] = 42  # a non-string scalar becomes str
+    rows[3]["caption"] = 42  # not text: a NotText naming its JSON type, never "42"
     write_jsonl(path, rows)
     with open(path, "a") as f:
         f.write("\n   \n")  # blank lines are skipped
@@ -200,7 +206,9 @@ def test_jsonl_matches_json_module(tmp_path):
         expected = [json.loads(line) for line in f if line.strip()]
     keys, captions = flatten(batches, "caption")
     assert keys == [r["key"] for r in expected]
-    assert captions == [str(r["caption"]) for r in expected]
+    assert captions == [
+        NotText("integer") if i == 3 else r["caption"] for i, r in enumerate(expected)
+    ]
     assert flatten(batches, "long_caption")[1] == [r.get("long_caption") for r in expected]
     assert count_rows(CaptionSource(path)) is None
 
@@ -246,7 +254,7 @@ def test_webdataset_matches_tarfile_and_is_preferred_over_its_parquet(tmp_path):
     assert [b_key for b in batches for b_key in b.keys] == [s["key"] for s in expected]
     assert flatten(batches, "txt")[1] == [s["txt"] for s in expected]
     assert flatten(batches, "long_caption")[1] == [s["long_caption"] for s in expected]
-    assert flatten(batches, "width")[1] == ["64"] * len(expected)
+    assert flatten(batches, "width")[1] == [NotText("integer")] * len(expected)
     assert [k for keys in iter_keys(source) for k in keys] == [s["key"] for s in expected]
     assert count_rows(source) is None
 
@@ -392,22 +400,39 @@ def test_paths_and_formats_that_cannot_be_used(tmp_path):
     assert len(collect(CaptionSource(mixed, format="jsonl"), ["caption"])[0].keys) == len(ROWS)
 
 
-def test_empty_inputs_yield_nothing(tmp_path):
-    (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "empty.csv").write_text("")
-    (tmp_path / "header.csv").write_text("key,caption\n")
-    pq.write_table(
-        pa.table({"key": pa.array([], pa.string()), "caption": []}), tmp_path / "e.parquet"
-    )
-    with tarfile.open(tmp_path / "empty.tar", "w"):
-        pass
-    for name in ("empty.jsonl", "empty.csv", "header.csv", "e.parquet", "empty.tar"):
+def test_empty_inputs_are_refused_alike_in_every_format(tmp_path):
+    for name in ("empty.jsonl", "empty.csv", "empty.tsv", "empty.parquet", "empty.tar"):
+        (tmp_path / name).write_bytes(b"")
         source = CaptionSource(tmp_path / name)
-        assert collect(source, ["caption"]) == [], name
-        assert list(iter_keys(source)) == [], name
-    assert count_rows(CaptionSource(tmp_path / "e.parquet")) == 0
-    assert available_columns(CaptionSource(tmp_path / "empty.jsonl")) == []
+        with pytest.raises(InputError, match=rf"{name} is empty \(0 bytes\)$"):
+            collect(source, ["caption"])
+        with pytest.raises(InputError, match=rf"{name} is empty \(0 bytes\)$"):
+            available_columns(source)
+    (tmp_path / "header.csv").write_text("key,caption\n")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    pq.write_table(
+        pa.table({"key": pa.array([], pa.string()), "caption": []}), tmp_path / "zero.parquet"
+    )
+    with tarfile.open(tmp_path / "none.tar", "w"):
+        pass
+    for name, detail in [("header.csv", "a header and no data rows"), ("blank.jsonl",
+                         "only blank lines"), ("zero.parquet", "0 rows"), ("none.tar",
+                         "no samples")]:  # fmt: skip
+        source = CaptionSource(tmp_path / name)
+        with pytest.raises(InputError, match=rf"{name} has no rows \({detail}\)$"):
+            collect(source, ["caption"])
+        with pytest.raises(InputError, match="has no rows"):
+            list(iter_keys(source))
+    assert count_rows(CaptionSource(tmp_path / "zero.parquet")) == 0
     assert available_columns(CaptionSource(tmp_path / "header.csv")) == ["key", "caption"]
+    # In a folder a 0-byte file holds no rows and is passed over; all of them: no rows.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"")
+    with pytest.raises(InputError, match=r"folder has no rows: its 1 jsonl file\(s\) are empty"):
+        collect(CaptionSource(folder), ["caption"])
+    write_jsonl(folder / "b.jsonl", ROWS[:2])
+    assert flatten(collect(CaptionSource(folder), ["caption"]), "caption")[0] == KEYS[:2]
 
 
 @pytest.mark.parametrize("fmt", FORMATS[1:])

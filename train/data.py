@@ -82,6 +82,7 @@ samples takes 0.3 s (tar headers) or 0.01 s (Parquet key/status columns).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -98,6 +99,7 @@ from store.reader import key_locations, read_rows
 from train.transforms import CLIP_MEAN, CLIP_STD, IMAGE_BYTES, ImageTransform, decode_batch
 
 KEY_SAMPLE = 5  # keys shown per side when nothing joins
+PATH_SAMPLE = 64  # a table's first image paths, checked before training starts
 AMPLIFICATION_WARNING = 32.0
 
 
@@ -273,11 +275,13 @@ def plan_join(cfg: DataConfig) -> JoinPlan:
         cache_sample = cached.column("key").slice(0, KEY_SAMPLE).to_pylist()
         raise InputError(
             f"images {cfg.images} ({fmt}) and cache {cfg.cache} share no keys, so there is "
-            f"nothing to train on.\n  images: {images.num_rows} keys, e.g. {image_sample}\n"
-            f"  cache:  {cached.num_rows} keys, e.g. {cache_sample}\n"
-            "Check that both come from the same dataset (the cache must be embedded from these "
-            "images' captions) and the key column."
+            f"nothing to train on (images: {images.num_rows} keys, e.g. {image_sample}; "
+            f"cache: {cached.num_rows} keys, e.g. {cache_sample}). Check that both come from "
+            "the same dataset (the cache must be embedded from these images' captions) and the "
+            "key column."
         )
+    if fmt == "csv":
+        _check_paths_exist(joined.column("path").slice(0, PATH_SAMPLE).to_pylist(), cfg.images)
     reads = _reads_per_row(joined, scan.group_rows) if fmt == "parquet" else 1.0
     if reads > AMPLIFICATION_WARNING:
         warnings.warn(
@@ -299,6 +303,17 @@ def plan_join(cfg: DataConfig) -> JoinPlan:
         dtype=str(layout["dtype"]),
         image_reads_per_row=reads,
     )
+
+
+def _check_paths_exist(paths: list[str], images: Path) -> None:
+    """A table's images are files it names: when none of the first ones exists, every image
+    would be unreadable and training would see only empty batches; say so now. (Some missing
+    files are counted as invalid images while training, never fatal.)"""
+    if paths and not any(os.path.isfile(p) for p in paths):
+        raise InputError(
+            f"none of the first {len(paths)} image files that {images} names exists (e.g. "
+            f"{paths[0]}); paths in a table are relative to the table's folder"
+        )
 
 
 def scan_keys(cfg: DataConfig) -> JoinStats:
@@ -375,9 +390,22 @@ class UnitReader:
                    plan.bytes_column, plan.cache_filesystem)  # fmt: skip
 
     def vectors(self, shard: int, rg: int, rows: np.ndarray, keys: list[str]) -> np.ndarray:
-        """float32 [n, K, D] of ``rows`` of one cache row group, checked against ``keys``."""
-        return read_rows(self.cache_paths[shard], rg, rows, self.facets, self.dtype,
-                         self.cache_filesystem, expect_keys=keys)  # fmt: skip
+        """float32 [n, K, D] of ``rows`` of one cache row group, checked against ``keys``
+        and against what embed writes (no zero or non-finite vector: CacheError)."""
+        path = self.cache_paths[shard]
+        v = read_rows(path, rg, rows, self.facets, self.dtype, self.cache_filesystem,
+                      expect_keys=keys)  # fmt: skip
+        # Cheap beside decoding the images: a zero vector would train silently on nothing.
+        bad = ~np.isfinite(v).all(axis=2) | ~v.any(axis=2)  # [n, K]
+        if bad.any():
+            i, k = np.argwhere(bad)[0]
+            cache = str(path).rsplit("/shards/", 1)[0]
+            raise CacheError(
+                f"{path}: {int(bad.any(axis=1).sum())} row(s) hold all-zero or non-finite "
+                f"vectors (e.g. key {keys[i]!r}, facet {self.facets[k]}); embed never writes "
+                f"those, so the cache is damaged: run `facetclip verify {cache}`"
+            )
+        return v
 
     def images(self, rows: pa.Table) -> list[bytes | None]:
         return read_image_bytes(rows, self.image_format, self.sources, self.bytes_column)

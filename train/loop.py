@@ -71,6 +71,8 @@ def prepare_run(
             raise InputError(f"{run} is not a run directory (no {CONFIG_FILE}); nothing to resume")
         cfg = TrainConfig.from_toml(run / CONFIG_FILE)
         cfg.out = str(run)
+    elif run.exists() and not run.is_dir():
+        raise InputError(f"--out {run} is a file, not a folder; choose another --out")
     elif run.exists() and any(run.iterdir()):
         if latest_checkpoint(run) is not None and not overwrite:
             raise InputError(
@@ -209,15 +211,23 @@ def train(
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
+        from store.cluster import ray_failure_cause
+
         raise TrainError(
-            f"training failed after {cfg.run.max_failures} restart(s): {type(e).__name__}: {str(e)[-800:]}\n"
-            f"Fix the cause, then continue with: facetclip train --resume {run}"
+            f"training failed after {cfg.run.max_failures} restart(s): {ray_failure_cause(e)}. "
+            f"Then continue with: facetclip train --resume {run}"
         ) from None
     finally:
         bar.close()
     nan = run / NAN_FILE
     if nan.is_file():
         info = json.loads(nan.read_text())
+        if info.get("valid_images") == 0:  # not the optimiser: no image could be read at all
+            raise TrainError(
+                f"no image of the batch at step {info['step']} could be read or decoded (missing "
+                f"files, corrupt bytes), so the loss is undefined; check --images {cfg.images}, "
+                f"then --resume {run}"
+            )
         raise TrainError(
             f"loss became {info['loss']} at step {info['step']}; training stopped. The last good checkpoint "
             f"is {info['last_checkpoint']}. Try a lower optim.lr, more optim.warmup_steps, optim.grad_clip, "
@@ -321,9 +331,10 @@ def worker_loop(loop_cfg: dict) -> None:
                     last = latest_checkpoint(run)
                     (run / NAN_FILE).write_text(
                         json.dumps(
-                            {"step": step, "loss": float(loss), "last_checkpoint": str(last)}
+                            {"step": step, "loss": float(loss), "last_checkpoint": str(last),
+                             "valid_images": int(images.shape[0])}
                         )
-                    )
+                    )  # fmt: skip
                 return
             # 5. backward, clip, step
             optimizer.zero_grad(set_to_none=True)
