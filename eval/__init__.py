@@ -14,6 +14,13 @@ __getattr__, __dir__, __all__ = lazy_face(
         "eval.synth": ["SynthConfig", "write_synth", "render_synth"],
         "eval.tiny_llm": ["TinyLLMConfig", "build_tiny_llm", "probe_facets", "render_tiny_llm"],
         "eval.demo": ["DemoConfig", "run_demo"],
-        "eval.captioning": ["CaptionConfig", "caption_images", "render_caption", "demo_rows"],
+        "eval.captioning": [
+            "CaptionConfig",
+            "caption_images",
+            "render_caption",
+            "CompareConfig",
+            "demo_rows",
+            "comparison_table",
+        ],  # fmt: skip
     },
 )

@@ -482,3 +482,130 @@ def summarise(
         "reference_shape": ceiling["shape"],
         "reference_colour": ceiling["colour"],
     }
+
+
+# --- the claim in miniature: prompt-align vs caption-lm ---------------------------------------------
+
+
+@dataclass
+class CompareConfig:
+    """prompt-align (targets from the prompt cache, no LLM) vs caption-lm (the frozen LLM in
+    the loop) at equal image-text pairs (both join ``images`` to ``prompt_cache``), equal
+    steps, batch, seed, tower and optimiser; then captioning on held-out ``eval_data``.
+
+    images: training images (img2dataset output); prompt_cache: `embed --recipe pformer` (or
+    pformer-code) of their captions; captions: the same captions table (caption-lm's text);
+    llm: the frozen LLM the predictor was trained for; eval_data: held-out image-caption pairs
+    (synth's eval/retrieval) with labels.parquet beside or above them (or ``labels``).
+    """
+
+    out: Path
+    images: Path
+    prompt_cache: Path
+    captions: Path
+    llm: str
+    eval_data: Path
+    labels: Path | None = None
+    caption_column: str = "long_caption"
+    steps: int = 500
+    batch_size: int = 64
+    workers: int = 1
+    seed: int = 0
+    tower: str = "resnet10t"  # the demo's tower (eval.demo)
+    image_size: int = 64
+    lr: float = 3e-3
+    embed_dim: int = 256
+    beams: int = 1
+    max_new_tokens: int = MAX_NEW_TOKENS
+    limit: int | None = None
+    losses: tuple[str, ...] = ("prompt-align", "caption-lm")
+
+
+def compare_train_config(cfg: CompareConfig, loss: str):
+    """The TrainConfig of one side of the comparison: everything but the loss is shared."""
+    from train.config import TrainConfig
+
+    t = TrainConfig(images=str(cfg.images), cache=str(cfg.prompt_cache),
+                    out=str(Path(cfg.out) / loss), steps=cfg.steps, batch_size=cfg.batch_size,
+                    seed=cfg.seed, loss=loss)  # fmt: skip
+    t.model.tower, t.model.text_head, t.model.embed_dim = cfg.tower, "linear", cfg.embed_dim
+    t.data.image_size = cfg.image_size
+    t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay = cfg.lr, 30, 0.05
+    t.run.workers, t.run.log_every, t.run.checkpoint_every = cfg.workers, 25, cfg.steps
+    if loss == "caption-lm":
+        t.prompt.llm, t.prompt.captions = str(cfg.llm), str(cfg.captions)
+        t.prompt.caption_column = cfg.caption_column
+    return t
+
+
+def steps_per_s(run: Path, batch_size: int) -> float:
+    """The median training speed over the logged intervals after the first (which holds the
+    start-up: Ray Data's first blocks, the LLM load), in optimiser steps per second."""
+    from store.runs import METRICS_FILE, read_metrics
+
+    rates = [r["images_per_s"] for r in read_metrics(Path(run) / METRICS_FILE)][1:]
+    return float(sorted(rates)[len(rates) // 2]) / batch_size if rates else float("nan")
+
+
+def demo_rows(cfg: CompareConfig, progress: bool = False) -> list[dict]:
+    """Train (or reuse, when RUN/config.toml is exactly this config) both runs, caption the
+    held-out images, and return one row per loss: quality beside chance and steps/s."""
+    from eval.evaluation import EvalConfig, evaluate
+    from store.runs import METRICS_FILE, read_metrics
+    from train.loop import CONFIG_FILE, check_config, train
+
+    rows = []
+    for loss in cfg.losses:
+        t = compare_train_config(cfg, loss)
+        run = Path(t.out)
+        done = (run / "model" / "config.json").is_file() and (run / CONFIG_FILE).is_file()
+        check_config(t)  # fills what train() fills (facets, N), so the saved TOML compares
+        if not (done and (run / CONFIG_FILE).read_text() == t.to_toml()):
+            train(t, overwrite=True, progress=progress)
+        r = evaluate(EvalConfig(run=run, task="captioning", data=Path(cfg.eval_data),
+                                labels=cfg.labels, llm=cfg.llm, beams=cfg.beams,
+                                max_new_tokens=cfg.max_new_tokens, limit=cfg.limit,
+                                caption_column=cfg.caption_column, plots=False))  # fmt: skip
+        last = read_metrics(run / METRICS_FILE)[-1]
+        joined = json.loads((run / "data_stats.json").read_text())["joined"]
+        rows.append({
+            "loss": loss, "llm_in_loop": loss == "caption-lm", "pairs": joined,
+            "steps": int(last["step"]), "steps_per_s": steps_per_s(run, cfg.batch_size),
+            "images": r.counts["images"],
+            **{k: r.metrics[k] for k in ("shape", "shape_blind", "colour", "colour_blind",
+                                         "shape_and_colour", "bleu4", "bleu4_blind",
+                                         "reference_shape")},
+            "shape_chance": r.chance["shape"], "colour_chance": r.chance["colour"],
+            "final_loss": float(last["loss"]),
+            "example": _first_caption(r),
+        })  # fmt: skip
+    return rows
+
+
+def _first_caption(report) -> str:
+    path = next((f for f in report.files if str(f).endswith("_captions.jsonl")), None)
+    if path is None or not Path(path).is_file():
+        return ""
+    with open(path) as f:
+        line = f.readline()
+    return json.loads(line)["caption"] if line else ""
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Markdown of ``demo_rows``: one row per loss, every rate beside its chance."""
+    lines = [
+        "| loss | LLM in the loop | pairs | steps | steps/s | names true shape (chance, "
+        "image-blind) | names true colour (chance, image-blind) | BLEU-4 (image-blind) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['loss']} | {'yes' if r['llm_in_loop'] else 'no'} | {r['pairs']:,} | "
+            f"{r['steps']} | {r['steps_per_s']:.2f} | {r['shape']:.3f} ({r['shape_chance']:.3f}, "
+            f"{r['shape_blind']:.3f}) | {r['colour']:.3f} ({r['colour_chance']:.3f}, "
+            f"{r['colour_blind']:.3f}) | {100 * r['bleu4']:.1f} ({100 * r['bleu4_blind']:.1f}) |"
+        )
+    if rows:
+        lines.append(f"\n{rows[0]['images']} held-out images; the references name the main shape "
+                     f"first in {rows[0]['reference_shape']:.0%} of cases (the rates' ceiling).")  # fmt: skip
+    return "\n".join(lines)
