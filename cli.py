@@ -179,7 +179,10 @@ def embed(
     ],
     recipe: RecipeOpt = "flame",
     engine: Annotated[
-        str, typer.Option(help="auto | hf | vllm (auto: vllm when importable with a GPU)")
+        str,
+        typer.Option(
+            help="auto | hf | vllm (auto: vllm where a build of it serves the device, else hf)"
+        ),
     ] = "auto",
     dtype: Annotated[
         str | None, typer.Option(help="Storage dtype: float16 | float32 | int8 (default: recipe's)")
@@ -203,7 +206,9 @@ def embed(
     token_budget: Annotated[
         int, typer.Option(min=64, help="hf engine: padded tokens per forward pass.")
     ] = 16384,
-    device: Annotated[str, typer.Option(help="hf engine: auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (vllm: the device its build serves)")
+    ] = "auto",
     engines: Annotated[
         int, typer.Option(min=1, help="Engine actors on Ray (one GPU each for vllm); 1: no Ray.")
     ] = 1,

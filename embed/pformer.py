@@ -36,8 +36,7 @@ import os
 import shutil
 import signal
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ import numpy as np
 from embed.pformer_model import PREDICTOR_DIR, PredictorConfig
 from store.cluster import init_ray
 from store.collective import gather_features
+from store.config import TomlConfig
 from store.errors import FacetclipError, InputError
 from store.runs import (
     METRICS_FILE,
@@ -57,7 +57,6 @@ from store.runs import (
     save_checkpoint,
 )
 from store.tables import CaptionSource, available_columns, iter_caption_batches
-from store.tomlfile import dump_toml
 
 CONFIG_FILE = "config.toml"
 NAN_FILE = "nan.json"
@@ -104,7 +103,7 @@ class RunConfig:
 
 
 @dataclass
-class PFormerConfig:
+class PFormerConfig(TomlConfig):
     captions: str = ""
     model: str = ""  # the frozen LLM (folder or hub id)
     out: str = ""
@@ -152,69 +151,6 @@ class PFormerConfig:
         need(self.run.checkpoint_every >= 1 and self.run.log_every >= 1,
              "checkpoint_every and log_every must be >= 1")  # fmt: skip
         self.predictor.validate()
-
-    # --- TOML --------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return _drop_none(asdict(self))
-
-    def to_toml(self) -> str:
-        return dump_toml(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PFormerConfig:
-        return _from_dict(cls, d, "")
-
-    def override(self, assignments: list[str]) -> PFormerConfig:
-        """A copy with ``--set section.field=value`` applied (values parsed as TOML, else
-        strings), e.g. ``loss.nearest=0`` or ``predictor.dropout=0.0``."""
-        d = self.to_dict()
-        for a in assignments:
-            if "=" not in a:
-                raise InputError(f"--set expects FIELD=VALUE (e.g. loss.nearest=0), got {a!r}")
-            path, raw = (x.strip() for x in a.split("=", 1))
-            try:
-                value = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                value = raw
-            *sections, name = path.split(".")
-            node = d
-            for sec in sections:
-                if not isinstance(node.get(sec), dict):
-                    raise InputError(f"--set {path}: {sec!r} is not a config section")
-                node = node[sec]
-            node[name] = value
-        return PFormerConfig.from_dict(d)
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> PFormerConfig:
-        try:
-            return cls.from_dict(tomllib.loads(Path(path).read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InputError(f"cannot read {path}: {e}") from None
-
-
-def _drop_none(d):
-    """TOML has no null: fields that are None are left out (and read back as their default)."""
-    if isinstance(d, dict):
-        return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    return d
-
-
-def _from_dict(cls, d: dict, where: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
-    if unknown:
-        raise InputError(f"pformer config: unknown field(s) {sorted(where + k for k in unknown)}")
-    kwargs = {}
-    for name, value in d.items():
-        default = getattr(cls(), name)
-        if is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    return cls(**kwargs)
 
 
 @dataclass

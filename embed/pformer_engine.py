@@ -105,13 +105,6 @@ class PFormerEngine:
         self.predictor = None
 
 
-def check_engine(kind: str) -> None:
-    if kind == "vllm":
-        raise InputError(
-            "the pformer recipes run their predictor with torch (--engine hf or auto), not vLLM"
-        )
-
-
 # --- sizes and cost (facetclip plan) ---------------------------------------------------------
 
 

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
+from embed.engine import (
+    Engine,
+    EngineConfig,
+    inspect_model,
+    make_engine,
+    model_fingerprint,
+    pick_engine,
+)
 from embed.prompts import PFORMER_POOLINGS, Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
 from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
@@ -96,6 +103,7 @@ class EmbedSummary:
     engines: int = 1
     engine_failures: int = 0  # engine actors that died and were replaced (engines > 1)
     seconds: float = 0.0
+    engine: str = ""  # the engine that ran and why (--engine auto says what it picked)
 
     def add(self, stats: ShardStats) -> None:
         self.rows += stats.rows
@@ -364,6 +372,8 @@ def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSu
         for index, shard in plan.todo(summary, bar):
             if engine is None:  # loaded only when there is work: a finished cache never loads it
                 engine = make_engine(cfg.engine, engine_config(cfg, recipe))
+                summary.engine = describe_engine(cfg, recipe)
+            summary.engine = summary.engine or getattr(engine, "name", type(engine).__name__)
             embedder = embedder or ShardEmbedder(
                 recipe, tokenizer, engine, plan.schema, plan.duplicates, cfg.batch_rows
             )
@@ -376,6 +386,12 @@ def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSu
         if own_engine and engine is not None and hasattr(engine, "close"):
             engine.close()  # frees the GPU (and vLLM's truncated-weights copy)
     return summary
+
+
+def describe_engine(cfg: EmbedConfig, recipe: Recipe) -> str:
+    """What ``--engine`` ran and why, e.g. "hf (auto: the hf engine on the CPU ...)"."""
+    kind, why = pick_engine(cfg.engine, cfg.device, recipe.pooling)
+    return kind if cfg.engine != "auto" else f"{kind} ({why})"
 
 
 def _maybe_fault(shards_written: int) -> None:
@@ -530,6 +546,7 @@ def render_embed(s: EmbedSummary):
     from rich.table import Table
 
     t = Table(title=f"embed -> {s.out}", show_header=False)
+    t.add_row("engine", s.engine or "none loaded (nothing to embed)")
     t.add_row("rows embedded", f"{s.rows:,}")
     t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
     t.add_row("shards written", str(s.shards_written))

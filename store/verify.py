@@ -352,13 +352,10 @@ def _layout_error(lay: object) -> str | None:
 def _recipe_vector_names(recipe: dict) -> list[str] | None:
     # Recipe.vector_names (embed/prompts.py), from the recipe's dict: store/ cannot import embed/.
     pooling, names = recipe.get("pooling", "last"), []
-    if pooling == "pformer" and isinstance(recipe.get("prompts"), int):  # N prompt columns
-        width = max(2, len(str(recipe["prompts"] - 1)))
-        return [f"prompt_{i:0{width}d}" for i in range(recipe["prompts"])]
-    if pooling == "pformer-code":
-        return ["code"]
-    if not isinstance(recipe.get("groups"), list):
-        return None  # not a recipe embed wrote: nothing to compare
+    if pooling not in ("last", "mean") or not isinstance(recipe.get("groups"), list):
+        # not an LLM-hidden-state recipe (P-Former prompts, image features name their vectors
+        # their own way, in the layout only): nothing to compare
+        return None
     for g in recipe["groups"]:
         if not isinstance(g, dict) or not isinstance(g.get("facets", {}), dict):
             return None
