@@ -747,11 +747,18 @@ def demo(
     compare: Annotated[
         bool, typer.Option(help="Also train on recipes prompteol and llm2clip and compare.")
     ] = True,
+    captioning: Annotated[
+        bool,
+        typer.Option(
+            help="Also P-Former: pformer -> embed -> train --loss prompt-align -> captioning."
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """The whole pipeline on synthetic data, on this machine: synth -> tiny-llm -> embed ->
-    inspect -> train -> eval, and a comparison of recipes; writes OUT/REPORT.md.
+    inspect -> train -> eval, a comparison of recipes, and P-Former captioning; writes
+    OUT/REPORT.md.
 
     Example: facetclip demo --out demo-out --overwrite
     """
@@ -759,7 +766,7 @@ def demo(
     from eval import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, workers=workers,
-                     compare=compare, overwrite=overwrite)  # fmt: skip
+                     compare=compare, captioning=captioning, overwrite=overwrite)  # fmt: skip
     if steps is not None:
         cfg.steps = steps
     run_demo(cfg, console)

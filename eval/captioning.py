@@ -560,8 +560,10 @@ def demo_rows(cfg: CompareConfig, progress: bool = False) -> list[dict]:
         run = Path(t.out)
         done = (run / "model" / "config.json").is_file() and (run / CONFIG_FILE).is_file()
         check_config(t)  # fills what train() fills (facets, N), so the saved TOML compares
+        t0 = time.perf_counter()
         if not (done and (run / CONFIG_FILE).read_text() == t.to_toml()):
             train(t, overwrite=True, progress=progress)
+        t1 = time.perf_counter()
         r = evaluate(EvalConfig(run=run, task="captioning", data=Path(cfg.eval_data),
                                 labels=cfg.labels, llm=cfg.llm, beams=cfg.beams,
                                 max_new_tokens=cfg.max_new_tokens, limit=cfg.limit,
@@ -577,6 +579,7 @@ def demo_rows(cfg: CompareConfig, progress: bool = False) -> list[dict]:
                                          "reference_shape")},
             "shape_chance": r.chance["shape"], "colour_chance": r.chance["colour"],
             "final_loss": float(last["loss"]),
+            "train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
             "example": _first_caption(r),
         })  # fmt: skip
     return rows
