@@ -246,6 +246,21 @@ def test_bleu4_matches_a_hand_computation():
     assert bleu4(["star star star star star"], ["star star star star star"]) == pytest.approx(1.0)
 
 
+def test_comparison_table_shows_every_rate_beside_its_chance_and_image_blind_score():
+    from eval.captioning import comparison_table
+
+    row = {"loss": "prompt-align", "llm_in_loop": False, "pairs": 3912, "steps": 150,
+           "steps_per_s": 0.476, "images": 200, "shape": 0.075, "shape_chance": 1 / 9,
+           "shape_blind": 0.05, "colour": 0.09, "colour_chance": 1 / 9, "colour_blind": 0.11,
+           "bleu4": 0.151, "bleu4_blind": 0.155, "reference_shape": 1.0}  # fmt: skip
+    lm = dict(row, loss="caption-lm", llm_in_loop=True, shape=0.5)
+    md = comparison_table([row, lm])
+    assert ("| prompt-align | no | 3,912 | 150 | 0.48 | 0.075 (0.111, 0.050) | "
+            "0.090 (0.111, 0.110) | 15.1 (15.5) |") in md  # fmt: skip
+    assert "| caption-lm | yes | 3,912 | 150 | 0.48 | 0.500 (0.111, 0.050) |" in md
+    assert "200 held-out images" in md and "first in 100% of cases" in md
+
+
 def test_main_mention_takes_the_first_shape_and_its_nearest_colour_in_the_sentence():
     def mm(text):
         return main_mention(text, SHAPES, COLOURS)
