@@ -521,7 +521,13 @@ def train_cmd(
     steps: Annotated[int | None, typer.Option(min=1, help="Optimiser steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=2, help="Global batch size.")] = None,
     tower: Annotated[str | None, typer.Option(help="timm model name.")] = None,
-    loss: Annotated[str | None, typer.Option(help="mp-sigmoid | clip | siglip")] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(
+            help="mp-sigmoid | clip | siglip | prompt-align (pformer cache) | caption-lm "
+            "(LLM in the loop: --set prompt.llm=LLM --set prompt.captions=TABLE)"
+        ),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Ray Train workers.")] = None,
     gpus_per_worker: Annotated[
@@ -692,7 +698,7 @@ def sweep(
 @user_errors
 def eval_cmd(
     run: Annotated[Path, typer.Argument(help="A run directory made by `facetclip train`.")],
-    task: Annotated[str, typer.Option(help="zeroshot | retrieval")],
+    task: Annotated[str, typer.Option(help="zeroshot | retrieval | captioning (prompt runs)")],
     data: Annotated[Path, typer.Option(help="The evaluation data (see --layout).")],
     layout: Annotated[
         str | None,
@@ -718,9 +724,21 @@ def eval_cmd(
     engine: Annotated[
         str, typer.Option(help="Engine for the text side: auto | hf | vllm")
     ] = "auto",
+    model: Annotated[
+        str | None, typer.Option(help="captioning: the frozen LLM (default: the run's).")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="captioning: labels.parquet (default: synth's, beside or above DATA)."),
+    ] = None,
+    beams: Annotated[int, typer.Option(min=1, max=32, help="captioning: beam width.")] = 1,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="captioning: most tokens generated per caption.")
+    ] = 48,
     json_: JsonOpt = False,
 ) -> None:
-    """Zero-shot classification or image<->text retrieval of a trained tower; writes RUN/eval/.
+    """Zero-shot classification, image<->text retrieval, or (for a prompt run) captioning
+    through the frozen LLM, of a trained tower; writes RUN/eval/.
 
     Example: facetclip eval runs/r1 --task retrieval --data data/synth/eval/retrieval
     """
@@ -729,13 +747,54 @@ def eval_cmd(
 
     cfg = EvalConfig(run=run, task=task, data=data, layout=layout, name=name, query=query,
                      caption_column=caption_column, image_column=image_column, split=split,
-                     limit=limit, engine=engine)  # fmt: skip
+                     limit=limit, engine=engine, llm=model, labels=labels, beams=beams,
+                     max_new_tokens=max_tokens)  # fmt: skip
     report = evaluate(cfg)
     if json_:
         _print_json(report.to_dict())
         return
     console.print(markdown(report), highlight=False)
     console.print("files: " + ", ".join(str(f) for f in report.files))
+
+
+@app.command()
+@user_errors
+def caption(
+    run: Annotated[
+        Path, typer.Argument(help="A run trained with --loss prompt-align or caption-lm.")
+    ],
+    images: Annotated[
+        Path,
+        typer.Argument(
+            help="An image, a folder of images, img2dataset output, or a key+path table."
+        ),
+    ],
+    model: Annotated[str | None, typer.Option(help="The frozen LLM (default: the run's).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="JSONL file (default: RUN/captions/<IMAGES name>.jsonl).")
+    ] = None,
+    beams: Annotated[int, typer.Option(min=1, max=32, help="1: greedy; >1: beam search.")] = 1,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per caption.")] = 48,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per generate call.")] = 32,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
+    progress: ProgressOpt = True,
+    json_: JsonOpt = False,
+) -> None:
+    """Caption images through the frozen LLM: the run's visual prompts as inputs_embeds,
+    greedy or beam search; one {"key", "caption"} JSON line per image.
+
+    Example: facetclip caption runs/align data/synth/eval/retrieval/images --beams 3
+    """
+    _quiet_libraries()
+    from eval import CaptionConfig, caption_images, render_caption
+
+    r = caption_images(CaptionConfig(run=run, images=images, llm=model, out=out, beams=beams,
+                                     max_new_tokens=max_tokens, batch_size=batch_size,
+                                     limit=limit, progress=progress))  # fmt: skip
+    if json_:
+        _print_json(r.to_dict())
+        return
+    console.print(render_caption(r), highlight=False, markup=False)
 
 
 @app.command()
@@ -769,11 +828,18 @@ def demo(
     compare: Annotated[
         bool, typer.Option(help="Also train on recipes prompteol and llm2clip and compare.")
     ] = True,
+    captioning: Annotated[
+        bool,
+        typer.Option(
+            help="Also P-Former: pformer -> embed -> train --loss prompt-align -> captioning."
+        ),
+    ] = True,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """The whole pipeline on synthetic data, on this machine: synth -> tiny-llm -> embed ->
-    inspect -> train -> eval, and a comparison of recipes; writes OUT/REPORT.md.
+    inspect -> train -> eval, a comparison of recipes, and P-Former captioning; writes
+    OUT/REPORT.md.
 
     Example: facetclip demo --out demo-out --overwrite
              facetclip demo --llm smollm2 --out demo-smollm2 --overwrite
@@ -782,7 +848,7 @@ def demo(
     from eval import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, n=n, seed=seed, llm=llm, llm_steps=llm_steps, workers=workers,
-                     compare=compare, overwrite=overwrite)  # fmt: skip
+                     compare=compare, captioning=captioning, overwrite=overwrite)  # fmt: skip
     if steps is not None:
         cfg.steps = steps
     run_demo(cfg, console)

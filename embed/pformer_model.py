@@ -6,8 +6,10 @@ the N soft prompt vectors that make a frozen LLM reproduce the caption.
                 -> pooler:   Linear(d -> d) + Tanh
                 -> llm_proj: Linear(d -> D)              -> N prompts in the LLM's input space
 
-This file holds the predictor (``PromptPredictor``), its three loss terms as pure functions,
-the prompted forward pass through the frozen LLM, and saving/loading. Training is
+This file holds the predictor (``PromptPredictor``), its contrastive and nearest-row loss terms
+as pure functions, and saving/loading; the prompted forward pass through the frozen LLM, the
+reconstruction term and caption tokenising are ``store.prompting`` (shared with stage two's
+``caption-lm`` and captioning) and re-exported here. Training is
 ``embed.pformer``; caching prompts is ``embed.pformer_engine``.
 
     >>> from embed.pformer_model import load_predictor
@@ -32,14 +34,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embed.prompts import clean_caption
 from store.errors import InputError
+
+# The caption and prompted-LLM pieces are shared with stage two and captioning (store/):
+# re-exported here, where P-Former's code and tests have always found them.
+from store.prompting import (  # noqa: F401
+    IGNORE,
+    caption_token_ids,
+    llm_target_ids,
+    pad_batch,
+    prompted_logits,
+    reconstruction_loss,
+    shifted_targets,
+)
 
 PREDICTOR_DIR = "predictor"  # inside a `facetclip pformer` run directory
 PREDICTOR_FILE = "predictor.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "facetclip-pformer/1"
-IGNORE = -100  # target of a position that predicts nothing
 
 
 @dataclass
@@ -206,39 +218,7 @@ def _hf_encoder_from_config(cfg: PredictorConfig) -> HFEncoder:
     return HFEncoder(AutoModel.from_config(AutoConfig.for_model(**conf)))
 
 
-# --- tokenising (the one definition training and caching share) ----------------------------------
-
-
-def caption_token_ids(
-    tokenizer, texts: Sequence[str], cleanup: str, max_tokens: int
-) -> tuple[list[list[int]], list[int]]:
-    """(ids truncated to ``max_tokens``, full token counts) of each caption, without special
-    tokens: exactly what ``embed.tokenize.PromptTokenizer`` puts in a context's caption span
-    for a recipe with no prefix or suffix, so training and ``embed`` see the same ids."""
-    if not texts:
-        return [], []
-    cleaned = [clean_caption(t, cleanup) for t in texts]
-    ids = tokenizer(cleaned, add_special_tokens=False)["input_ids"]
-    return [list(i[:max_tokens]) for i in ids], [len(i) for i in ids]
-
-
-def llm_target_ids(tokenizer, caption_ids: Sequence[Sequence[int]]) -> list[list[int]]:
-    """What the LLM reads after the prompts: BOS (when it has one) + caption + EOS. The caption
-    tokens and EOS are predicted; EOS teaches generation where a caption ends."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    return [bos + list(c) + eos for c in caption_ids]
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, L] ids and their 0/1 mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+# --- input masking --------------------------------------------------------------------------------
 
 
 def mask_tokens(
@@ -258,39 +238,7 @@ def mask_tokens(
     return torch.where(draw & ~special & mask.bool(), torch.full_like(ids, cfg.mask_id), ids)
 
 
-# --- the three loss terms (pure) ------------------------------------------------------------------
-
-
-def prompted_logits(
-    llm: nn.Module, prompts: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Logits of the frozen LLM at the positions that predict ``ids[:, 1:]``, when the N
-    prompts are fed as ``inputs_embeds`` ahead of the token embeddings of ``ids``:
-
-        inputs  = [p_1 … p_N, emb(ids_0), emb(ids_1), …]     positions 0 … N + L - 1
-        returns logits at positions N … N + L - 2            [B, L - 1, V]
-
-    Right padding of ``ids`` is masked; position ids count from 0 at p_1 either way.
-    """
-    emb = llm.get_input_embeddings()(ids)
-    x = torch.cat([prompts.to(emb.dtype), emb], dim=1)
-    attn = torch.cat([torch.ones(prompts.shape[:2], dtype=mask.dtype, device=mask.device), mask], 1)
-    n = prompts.shape[1]
-    # The base model then the LM head on the caption positions only: the prompt positions'
-    # logits ([B, N, V], large for a real vocabulary) are never computed.
-    hidden = llm.base_model(inputs_embeds=x, attention_mask=attn).last_hidden_state
-    return llm.get_output_embeddings()(hidden[:, n : n + ids.shape[1] - 1])
-
-
-def shifted_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``ids[:, 1:]`` with padding set to IGNORE: what ``prompted_logits`` predicts."""
-    return ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
-
-
-def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(a) Mean cross-entropy over every caption token (and EOS) of the batch."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE)  # fmt: skip
+# --- the loss terms (pure; (a) reconstruction is store.prompting.reconstruction_loss) -------------
 
 
 def contrastive_loss(

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from store.errors import FacetclipError
+from store.prompting import clean_caption  # noqa: F401 - one definition, shared with train/
 from store.tomlfile import dump_toml, read_toml
 
 # --- FLAME's prompts (papers.md §1, from the public code) ------------------------------------
@@ -56,21 +57,6 @@ DTYPES = ("float16", "float32", "int8")
 
 class RecipeError(FacetclipError):
     """A recipe file or name is invalid."""
-
-
-def clean_caption(text: str, style: str = "flame") -> str:
-    """FLAME's caption clean-up: strip, end with a full stop unless it ends in . ? " ',
-    and replace double quotes by single quotes (the prompt itself quotes the caption).
-
-    >>> clean_caption('A "red" star')
-    "A 'red' star."
-    """
-    if style == "none":
-        return text
-    text = text.strip()
-    if text and text[-1] not in ".?\"'":
-        text += "."
-    return text.replace('"', "'")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Evaluation and the testbed: zero-shot and retrieval metrics and reports, benchmark loaders,
-sweeps (many runs + their evals), the synthetic dataset, the tiny LM, the demo. Names load
-lazily."""
+"""Evaluation and the testbed: zero-shot, retrieval and captioning metrics and reports,
+benchmark loaders, sweeps (many runs + their evals), the synthetic dataset, the tiny LM, the
+demo. Names load lazily."""
 
 from store.faces import lazy_face
 
@@ -14,5 +14,13 @@ __getattr__, __dir__, __all__ = lazy_face(
         "eval.synth": ["SynthConfig", "write_synth", "render_synth"],
         "eval.tiny_llm": ["TinyLLMConfig", "build_tiny_llm", "probe_facets", "render_tiny_llm"],
         "eval.demo": ["DemoConfig", "run_demo"],
+        "eval.captioning": [
+            "CaptionConfig",
+            "caption_images",
+            "render_caption",
+            "CompareConfig",
+            "demo_rows",
+            "comparison_table",
+        ],  # fmt: skip
     },
 )

@@ -3,8 +3,9 @@
 synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> train (Ray,
 2 workers) -> eval (held-out retrieval; zero-shot on shapes, on colour+shape, and on colour+
 shape pairs never seen as a main object) -> a comparison of recipes flame / prompteol /
-llm2clip with the same tower and steps -> DEMO_OUT/REPORT.md with every figure beside its
-chance level and where every file is.
+llm2clip with the same tower and steps -> P-Former captioning (eval.demo_captioning: pformer
+-> embed --recipe pformer -> train --loss prompt-align -> eval --task captioning) ->
+DEMO_OUT/REPORT.md with every figure beside its chance level and where every file is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from eval.demo_captioning import CaptionDemoConfig
 from store.errors import InputError
 
 # A small ResNet (4.9M parameters) from scratch at 64 px: about 2.3 minutes on 2 CPU cores
@@ -44,6 +46,8 @@ class DemoConfig:
     batch_size: int = 64
     workers: int = 2
     compare: bool = True
+    captioning: bool = True  # the P-Former block (eval.demo_captioning)
+    caption: CaptionDemoConfig = field(default_factory=CaptionDemoConfig)
     overwrite: bool = False
 
 
@@ -53,6 +57,7 @@ class DemoReport:
     paths: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     results: dict[str, dict] = field(default_factory=dict)  # recipe -> eval name -> report
+    captioning: list[dict] = field(default_factory=list)  # eval.captioning.demo_rows
 
 
 def _train_config(cfg: DemoConfig, data: Path, cache: Path, run: Path, recipe: str):
@@ -101,7 +106,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     report = DemoReport(out)
     data, model = out / "data", out / "model"
     recipes = COMPARE if cfg.compare else ("flame",)
-    total = 5 + (len(recipes) - 1) * 3
+    total = 5 + (len(recipes) - 1) * 3 + 3 * cfg.captioning
 
     def step(i: int, name: str, fn):
         console.rule(f"[bold]{i}/{total} {name}")
@@ -162,6 +167,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
         report.paths[f"run ({recipe})"] = run
         _print_results(console, recipe, report.results[recipe])
 
+    if cfg.captioning:  # P-Former: prompts from text, captions from images (issue 14)
+        from eval.demo_captioning import caption_block
+
+        report.captioning, paths = caption_block(data, model, out, cfg.caption, step,
+                                                 i + 1, cfg.seed, cfg.workers)  # fmt: skip
+        report.paths |= paths
     report.paths["report"] = out / "REPORT.md"
     md = final_report(report, cfg)
     report.paths["report"].write_text(md)
@@ -212,6 +223,10 @@ def final_report(report: DemoReport, cfg: DemoConfig) -> str:
         ret_chance = flame["retrieval"].chance["i2t_R@1"] if flame else float("nan")
         zs_chance = flame["zeroshot_shape"].chance["top1"] if flame else float("nan")
         lines.append(f"| chance | | {ret_chance:.3f} | {ret_chance:.3f} | {zs_chance:.3f} |")
+    if report.captioning:
+        from eval.demo_captioning import report_lines
+
+        lines += report_lines(report.captioning)
     lines += ["", "## Where everything is", ""]
     lines += [f"- {name}: `{path}`" for name, path in report.paths.items()]
     lines += ["- per-eval reports and figures: `runs/<recipe>/eval/` (JSON, markdown, PNG)",

@@ -1,4 +1,5 @@
-"""`facetclip eval RUN`: zero-shot classification and image<->text retrieval of a trained tower.
+"""`facetclip eval RUN`: zero-shot classification and image<->text retrieval of a trained tower;
+captioning through the frozen LLM for a prompt run (``eval.captioning``).
 
 Text goes through the run's own recipe and LLM (the cache's ``recipe.toml`` names the model),
 exactly as the training vectors did, then through the trained text head:
@@ -21,10 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from embed.prompts import CONTEXT_SUFFIX, RAW_FACETS, SHORT_PREFIX, PromptGroup, Recipe
+from embed.prompts import (
+    CONTEXT_SUFFIX,
+    PFORMER_POOLINGS,
+    RAW_FACETS,
+    SHORT_PREFIX,
+    PromptGroup,
+    Recipe,
+)
 from store.errors import InputError
 
-TASKS = ("zeroshot", "retrieval")
+TASKS = ("zeroshot", "retrieval", "captioning")
 QUERIES = ("facets", "raw")
 # Class-name templates, kept few: each is one more prompt through the LLM per class.
 TEMPLATES = (
@@ -51,6 +59,12 @@ class EvalConfig:
     engine: str = "auto"
     batch_size: int = 64
     plots: bool = True
+    # captioning (eval.captioning): the LLM (default: the run's), labels (default: synth's
+    # labels.parquet beside or above data), beam width, generation budget
+    llm: str | None = None
+    labels: Path | None = None
+    beams: int = 1
+    max_new_tokens: int = 48
 
 
 @dataclass
@@ -95,6 +109,11 @@ def text_recipe(recipe: Recipe, trained_facets: list[str], query: str) -> tuple[
     ones), averaged. ``raw``: the single raw prompt. A mean-pooled recipe has one vector.
     """
     base = replace(recipe, name=f"{recipe.name}-eval-{query}", dtype="float32")
+    if recipe.pooling in PFORMER_POOLINGS:
+        # A prompt run's text side is the caption's P-Former prompts, averaged (what its
+        # contrastive term paired the images with); the full form, so no head is needed.
+        r = replace(base, pooling="pformer", groups=(PromptGroup(column="text"),))
+        return r, r.vector_names
     if recipe.pooling == "mean":
         group = PromptGroup(column="text", mean_name=recipe.groups[0].mean_name)
         return replace(base, groups=(group,)), group.vector_names("mean")
@@ -176,6 +195,10 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     if cfg.query not in QUERIES:
         raise InputError(f"--query must be one of {', '.join(QUERIES)}")
     run = Path(cfg.run)
+    if cfg.task == "captioning":
+        from eval.captioning import captioning_report
+
+        return write_report(run, captioning_report(cfg), False, None)
     model = load(run)
     recipe = run_recipe(run)
     layout = cfg.layout or ("imagefolder" if cfg.task == "zeroshot" else "table")

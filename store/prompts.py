@@ -103,3 +103,36 @@ def iter_prompts(
             yield keys, expand_codes(vecs["code"], head)
         else:
             yield keys, np.stack([vecs[n] for n in names], axis=1)
+
+
+def prompt_shape(cache: str | Path | Cache) -> tuple[int, int]:
+    """(N, D): the prompts per row and their width (the LLM's), in either form."""
+    cache = cache if isinstance(cache, Cache) else Cache.open(cache)
+    layout = cache.manifest.layout
+    if prompt_form(cache) == "pformer":
+        return len(layout["vector_names"]), int(layout["dim"])
+    head = read_head(cache)
+    d = int(layout["dim"])
+    return head["cls_proj.weight"].shape[0] // d, int(head["llm_proj.weight"].shape[0])
+
+
+def rows_to_prompts(vectors: np.ndarray, head: dict[str, np.ndarray] | None) -> np.ndarray:
+    """A batch of a prompt cache's rows as read by stage two, [n, K, dim] in the cache's vector
+    order, as prompts [n, N, D]: the rows themselves (``pformer``: K = N prompt columns), or
+    their one ``code`` column expanded with the cache's ``head`` (``pformer-code``)."""
+    if head is None:
+        return np.asarray(vectors, np.float32)
+    return expand_codes(np.asarray(vectors)[:, 0], head)
+
+
+def mean_prompt(cache: str | Path | Cache, batch_rows: int = 1024) -> np.ndarray:
+    """[D] float32: the mean of every row's every prompt, in either form (what ``center_text``
+    subtracts when a run trains against prompts)."""
+    total, count = None, 0
+    for _, prompts in iter_prompts(cache, batch_rows):
+        s = prompts.astype(np.float64).sum(axis=(0, 1))
+        total = s if total is None else total + s
+        count += prompts.shape[0] * prompts.shape[1]
+    if total is None:
+        raise CacheError(f"{cache} holds no rows")
+    return (total / count).astype(np.float32)

@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 
 from eval.demo import COMPARE, EVALS, DemoConfig, final_report, run_demo
+from eval.demo_captioning import CaptionDemoConfig
+from eval.synth import COLORS, SHAPES
 from store.errors import InputError
 
 
@@ -17,6 +19,8 @@ def demo(tmp_path_factory):
     # Untrained LM and a few steps: this checks the plumbing, not the figures (the README
     # and the closing notes hold those of a full-size run).
     cfg = DemoConfig(out=out, n=200, llm_steps=0, steps=10, batch_size=16, workers=1)
+    cfg.caption = CaptionDemoConfig(pformer_steps=4, pformer_batch=8, steps=4, batch_size=16,
+                                    max_new_tokens=6, limit=40, compare=True)  # fmt: skip
     return cfg, run_demo(cfg)
 
 
@@ -63,6 +67,30 @@ def test_demo_caches_hold_every_training_caption(demo):
         keys = pd.read_parquet(cfg.out / "cache" / recipe / "shards", columns=["key"])["key"]
         assert sorted(keys) == sorted(captions["key"])  # failed images still have captions
     assert set(labels.loc[labels["split"] == "train", "key"]) == set(captions["key"])
+
+
+@pytest.mark.slow
+def test_demo_captions_held_out_images_with_both_prompt_losses(demo):
+    cfg, report = demo
+    rows = {r["loss"]: r for r in report.captioning}
+    assert set(rows) == {"prompt-align", "caption-lm"}
+    for loss, r in rows.items():
+        assert r["llm_in_loop"] == (loss == "caption-lm")
+        assert r["steps"] == cfg.caption.steps and r["images"] == cfg.caption.limit
+        assert r["shape_chance"] == pytest.approx(1 / len(SHAPES))
+        assert r["colour_chance"] == pytest.approx(1 / len(COLORS))
+        # the figures the report shows are the eval's own, saved in the run
+        saved = json.loads(
+            (cfg.out / "runs" / loss / "eval" / "retrieval_captioning.json").read_text()
+        )
+        assert saved["metrics"]["shape"] == pytest.approx(r["shape"])
+        # both sides joined the same images to the same cache
+        assert r["pairs"] == rows["prompt-align"]["pairs"]
+    md = (cfg.out / "REPORT.md").read_text()
+    assert "## Captioning through the frozen LM" in md
+    r = rows["prompt-align"]
+    assert f"| prompt-align | no | {r['pairs']:,} | {r['steps']} |" in md
+    assert (cfg.out / "cache" / "pformer" / "manifest.json").is_file()
 
 
 def test_demo_refuses_a_non_empty_out_without_overwrite(tmp_path):

@@ -4,7 +4,7 @@
 # train.toml — every field optional; shown with its default
 steps = 1000              # optimiser steps
 batch_size = 256          # global batch (split evenly over workers)
-loss = "mp-sigmoid"       # mp-sigmoid | clip | siglip
+loss = "mp-sigmoid"       # mp-sigmoid | clip | siglip | prompt-align | caption-lm
 num_facets = 6            # S: facets sampled per image per step (mp-sigmoid)
 facet_mode = "sample"     # clip/siglip: one sampled facet, or "mean" of all
 facets = []               # vectors to train on (default: all in the cache)
@@ -15,6 +15,16 @@ tower = "vit_base_patch16_224"
 image_head = "token-mlp"  # token-mlp | linear | mlp
 text_head = "none"        # none | linear | adapter
 center_text = false
+
+[prompt]                  # the prompt losses (P-Former, papers.md §3)
+# weight                  # prompt-align: w in w·MSE (default 10, as published); caption-lm:
+                          # the cross-entropy's weight (default 1)
+contrastive_weight = 1.0  # CLIP term on pooled prompts vs the pooled cached vectors
+llm = ""                  # caption-lm: the frozen LLM the prompts feed (loaded in the workers)
+captions = ""             # caption-lm: a key + caption table (Parquet, JSONL, CSV, webdataset)
+caption_column = "long_caption"
+max_caption_tokens = 0    # caption-lm: 0 = the pformer cache's (the predictor's), else 32
+cleanup = ""              # caption-lm: "" = the pformer cache's, else flame | none
 
 [optim]
 lr = 5e-4
@@ -80,6 +90,20 @@ class RunOptions:
 
 
 @dataclass
+class PromptOptions:
+    """The prompt losses (``prompt-align``, ``caption-lm``; train.prompt_losses)."""
+
+    weight: float | None = None  # None: 10 (prompt-align's w, as published), 1 (caption-lm)
+    contrastive_weight: float = 1.0
+    llm: str = ""  # caption-lm only: a Hugging Face causal LM folder
+    captions: str = ""  # caption-lm only: captions by key
+    caption_column: str = "long_caption"
+    caption_key_column: str = "key"
+    max_caption_tokens: int = 0  # 0: the pformer cache recipe's, else 32
+    cleanup: str = ""  # "": the pformer cache recipe's, else "flame"
+
+
+@dataclass
 class TrainConfig(TomlConfig):
     images: str = ""
     cache: str = ""
@@ -95,10 +119,41 @@ class TrainConfig(TomlConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataOptions = field(default_factory=DataOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    prompt: PromptOptions = field(default_factory=PromptOptions)
+
+    def prompt_weight(self) -> float:
+        """The prompt term's weight: ``prompt.weight``, else the loss's default."""
+        from train.prompt_losses import ALIGN_WEIGHT
+
+        if self.prompt.weight is not None:
+            return float(self.prompt.weight)
+        return ALIGN_WEIGHT if self.loss == "prompt-align" else 1.0
 
     def validate(self) -> None:
         """Checks that need no data and no Ray (the cache/images checks come in train.loop)."""
         self.model.loss = self.loss  # the loss decides the logit scale/bias initialisation
+        from train.prompt_losses import PROMPT_LOSSES
+
+        if self.loss in PROMPT_LOSSES:
+            # The prompt losses train the prompt head; nothing else can feed them.
+            self.model.image_head = "prompt"
+            if self.loss == "caption-lm" and not self.prompt.llm:
+                raise InputError(
+                    "loss caption-lm runs the frozen LLM in the loop: name it with "
+                    "--set prompt.llm=PATH, and the captions with --set prompt.captions=TABLE"
+                )
+            if self.loss == "caption-lm" and not self.prompt.captions:
+                raise InputError(
+                    "loss caption-lm trains on caption text: name the table with "
+                    "--set prompt.captions=TABLE (key + caption column)"
+                )
+            if (self.prompt.weight or 0) < 0 or self.prompt.contrastive_weight < 0:
+                raise InputError("prompt.weight and prompt.contrastive_weight must be >= 0")
+        elif self.model.image_head == "prompt":
+            raise InputError(
+                f"image head 'prompt' makes prompts for an LLM; train it with --loss "
+                f"prompt-align or caption-lm (not {self.loss!r})"
+            )
         if self.steps < 1:
             raise InputError("steps must be >= 1")
         if self.batch_size < 2:

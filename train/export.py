@@ -5,7 +5,8 @@ RUN/model/
   model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text_mean
                       (center_text's offset: encode_text subtracts it, as in training)
   tower.safetensors   the tower alone, a plain timm state dict (timm.create_model(...).load_state_dict)
-  config.json         model config, text_dim, image preprocessing, the cache's recipe and facets
+  config.json         model config, text_dim, image preprocessing, the cache's recipe and facets,
+                      the prompt losses' options (a caption-lm run's LLM)
 ```
 
 ```python
@@ -15,7 +16,8 @@ img = m.encode_image([PIL.Image.open("cat.jpg")])      # [1, D] unit vectors
 txt = m.encode_text(cached_vectors)                    # cached LLM vectors -> [.., D]
 ```
 Text queries go through the same recipe and engine as the cache (`facetclip embed`), then
-``encode_text``.
+``encode_text``. A model with the "prompt" head (``--loss prompt-align`` / ``caption-lm``) also
+gives ``prompt_tokens(images)``: the soft prompts `facetclip caption` feeds the frozen LLM.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def export_model(run: Path, checkpoint: Path) -> Path:
         "facets": cfg.facets,
         "loss": cfg.loss,
         "recipe": recipe,
+        # the prompt losses: the LLM a caption-lm run fed (captioning feeds the same one)
+        "prompt": asdict(cfg.prompt),
     }
     (tmp / "config.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
@@ -93,6 +97,19 @@ class TrainedModel:
         if not isinstance(images, torch.Tensor):
             images = torch.from_numpy(self.preprocess(images))
         return self.model.encode_image(images.to(self.device)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def prompt_tokens(self, images) -> torch.Tensor:
+        """The "prompt" head's soft prompts for the LLM: PIL images (or a normalised tensor, as
+        ``encode_image``) -> [B, N, text_dim] float32 on the model's device."""
+        if self.model.cfg.image_head != "prompt":
+            raise InputError(
+                f"this model's image head is {self.model.cfg.image_head!r}; only a run trained "
+                "with --loss prompt-align or caption-lm makes prompts for an LLM"
+            )
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(self.preprocess(images))
+        return self.model.prompt_tokens(images.to(self.device)).float()
 
     @torch.no_grad()
     def encode_text(self, vectors) -> np.ndarray:

@@ -35,6 +35,7 @@ from store.runs import (
     save_checkpoint,
 )
 from train.config import TrainConfig
+from train.losses import PROMPT_LOSSES
 
 CONFIG_FILE = "config.toml"
 NAN_FILE = "nan.json"
@@ -90,8 +91,16 @@ def prepare_run(
         "join": _as_dict(plan.stats),
         "text_mean": None,
         "plan": plan,
+        "prompt_form": layout.get("prompt_form"),
+        "caption_ids": None,
     }
-    if cfg.model.center_text:
+    if cfg.loss in PROMPT_LOSSES:
+        from train.prompt_step import caption_ids, prompt_text_mean
+
+        facts["text_mean"] = prompt_text_mean(cfg, facts["prompt_form"])
+        if cfg.loss == "caption-lm":  # tokenised once, here: a missing caption fails before Ray
+            facts["caption_ids"] = caption_ids(cfg, plan.table.column("key").to_pylist())
+    if cfg.model.center_text and facts["text_mean"] is None:
         facts["text_mean"] = text_mean(cfg.cache, cfg.facets).tolist()
     run.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
@@ -134,6 +143,11 @@ def check_config(cfg: TrainConfig) -> dict:
         )
     cfg.facets = facets
     validate_loss_config(cfg.loss, cfg.num_facets, len(facets), cfg.facet_mode)
+    if cfg.loss in PROMPT_LOSSES:  # the model is as wide as the LLM's prompts, N from the cache
+        from train.prompt_step import check_prompt_config
+
+        p = check_prompt_config(cfg, layout)
+        layout = {**layout, "dim": p.width, "prompt_form": p.form}
     build_model(cfg.model, layout["dim"])  # unknown timm name, bad head: fail here, not in a worker
     return layout
 
@@ -191,6 +205,7 @@ def train(
     # The join plan goes to the object store once; every worker builds its own slice of each
     # epoch from it (train.data: a rank's rows and their order are a function of seed, epoch).
     facts["plan"] = ray.put(facts["plan"])
+    facts["caption_ids"] = ray.put(facts["caption_ids"])
     use_gpu = cfg.run.gpus_per_worker > 0
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
@@ -286,6 +301,12 @@ def worker_loop(loop_cfg: dict) -> None:
     if ckpt is not None:
         load_checkpoint(ckpt, raw, optimizer, device=device)
     amp = cfg.run.amp and device.type == "cuda"
+    # The prompt losses' step (train.prompt_step): targets from the cache, or the frozen LLM.
+    prompt_step = None
+    if cfg.loss in PROMPT_LOSSES:
+        from train.prompt_step import PromptStep
+
+        prompt_step = PromptStep(cfg, loop_cfg, device)
     warmup = min(cfg.optim.warmup_steps, cfg.steps // 2)
 
     log = MetricsLog(run, enabled=rank == 0, after_step=state["step"])
@@ -317,13 +338,16 @@ def worker_loop(loop_cfg: dict) -> None:
             lr = lr_at(step, cfg.steps, warmup, cfg.optim.lr, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # 2. which facets pair with each image this step: a pure function of (seed, step, rank)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-            text_in = select_facets(vectors, cfg.loss, cfg.facet_mode, cfg.num_facets, gen)
-            # 3. forward through DDP, loss over the global batch (all workers' features)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(images, text_in)
-            losses = compute_loss(cfg.loss, **out)
+            if prompt_step is not None:  # 2-3. prompts: cached targets, or the LLM in the loop
+                losses = prompt_step(model, images, vectors, batch["key"], amp)
+            else:
+                # 2. which facets pair with each image this step: a function of (seed, step, rank)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+                text_in = select_facets(vectors, cfg.loss, cfg.facet_mode, cfg.num_facets, gen)
+                # 3. forward through DDP, loss over the global batch (all workers' features)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(images, text_in)
+                losses = compute_loss(cfg.loss, **out)
             loss = losses["loss"]
             # 4. a NaN/Inf loss stops the run on every worker (the loss is global, so all agree)
             if not torch.isfinite(loss):

@@ -74,6 +74,9 @@ def siglip_loss(
 
 
 LOSSES = {"mp-sigmoid": mp_sigmoid_loss, "clip": clip_loss, "siglip": siglip_loss}
+# Losses that train the "prompt" image head against prompts (train.prompt_losses): their
+# targets are more than one feature per image, so they have their own step.
+PROMPT_LOSSES = ("prompt-align", "caption-lm")
 
 
 # --- which cached vectors each image is paired with ------------------------------------------
@@ -115,10 +118,11 @@ def validate_loss_config(
     loss: str, num_facets: int, num_cached: int, facet_mode: str = "sample"
 ) -> None:
     """Raise InputError for a loss the cache cannot feed; the trainer calls this before Ray."""
-    if loss not in LOSSES:
-        close = difflib.get_close_matches(loss, list(LOSSES), n=1)
+    known = [*LOSSES, *PROMPT_LOSSES]
+    if loss not in known:
+        close = difflib.get_close_matches(loss, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InputError(f"unknown loss {loss!r}{hint}; choose one of {', '.join(LOSSES)}")
+        raise InputError(f"unknown loss {loss!r}{hint}; choose one of {', '.join(known)}")
     if facet_mode not in FACET_MODES:
         raise InputError(f"facet_mode must be one of {', '.join(FACET_MODES)}; got {facet_mode!r}")
     if loss == "mp-sigmoid":

@@ -7,7 +7,9 @@ head over cached LLM vectors (the LLM itself is never loaded here).
 
 FLAME (papers.md §1): image head ``token-mlp`` maps every patch token into the LLM's hidden
 space, text head ``none``, loss ``mp-sigmoid``. LLM2CLIP (§2): image head ``linear``, text head
-``adapter``, loss ``clip``.
+``adapter``, loss ``clip``. P-Former (§3): image head ``prompt`` (learned queries over the patch
+tokens -> N soft prompts for the LLM, ``train.prompt_head``), losses ``prompt-align`` and
+``caption-lm`` (``train.prompt_losses``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from store.errors import InputError
+from train.prompt_head import PromptHead
 
-IMAGE_HEADS = ("token-mlp", "linear", "mlp")
+IMAGE_HEADS = ("token-mlp", "linear", "mlp", "prompt")
 TEXT_HEADS = ("none", "linear", "adapter")
 
 # Initial (log logit scale, logit bias) per loss. Sigmoid losses start with a strong negative
@@ -36,6 +39,9 @@ LOGIT_INIT = {
     "mp-sigmoid": (math.log(10.0), -10.0),
     "siglip": (math.log(10.0), -10.0),
     "clip": (math.log(1 / 0.07), None),
+    # The prompt losses' contrastive term is CLIP's.
+    "prompt-align": (math.log(1 / 0.07), None),
+    "caption-lm": (math.log(1 / 0.07), None),
 }
 MAX_LOG_LOGIT_SCALE = math.log(100.0)  # scale ≤ 100, as in CLIP, SigLIP and FLAME
 
@@ -48,12 +54,15 @@ class ModelConfig:
     tower_kwargs: extra ``timm.create_model`` arguments, e.g. a tiny test ViT:
                   ``{"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}``.
     pretrained_path: a local timm-format state dict (.safetensors / .pth) for the tower, or None.
-    image_head:   "token-mlp" (FLAME) | "linear" | "mlp" (the last two on the pooled feature).
+    image_head:   "token-mlp" (FLAME) | "linear" | "mlp" (the last two on the pooled feature) |
+                  "prompt" (N soft prompts for the LLM; the prompt losses set it).
     text_head:    "none" (FLAME: images live in the LLM width) | "linear" | "adapter" (LLM2CLIP).
     adapter_blocks: residual blocks of the "adapter" text head.
     embed_dim:    the shared embedding width when text_head != "none" (ignored otherwise).
     loss:         the loss the model trains with; decides the logit scale/bias initialisation.
     logit_scale_init / logit_bias_init: override LOGIT_INIT (log scale; bias) when not None.
+    prompt_tokens / prompt_width / prompt_layers / prompt_heads: the "prompt" head's N queries
+                  (prompt-align takes N from the cache), its width, blocks and attention heads.
     grad_checkpointing: recompute the tower's activations in backward (less memory, ~30% slower).
     center_text:  ``encode_text`` subtracts ``text_mean``, a buffer the trainer sets before the
                   first step to the cache's mean vector (over rows and trained facets,
@@ -73,6 +82,10 @@ class ModelConfig:
     logit_bias_init: float | None = None
     grad_checkpointing: bool = False
     center_text: bool = False
+    prompt_tokens: int = 32
+    prompt_width: int = 256
+    prompt_layers: int = 2
+    prompt_heads: int = 4
 
 
 class TokenMLP(nn.Module):
@@ -135,6 +148,9 @@ class FacetCLIP(nn.Module):
 
         if cfg.image_head == "token-mlp":
             self.image_head = TokenMLP(tower.num_features, self.embed_dim)
+        elif cfg.image_head == "prompt":  # prompts live in the LLM's input space: text_dim wide
+            self.image_head = PromptHead(tower.num_features, text_dim, cfg.prompt_tokens,
+                                         cfg.prompt_width, cfg.prompt_layers, cfg.prompt_heads)  # fmt: skip
         else:
             pooled = getattr(tower, "head_hidden_size", tower.num_features)
             if cfg.image_head == "linear":
@@ -174,8 +190,16 @@ class FacetCLIP(nn.Module):
             return feats.flatten(1, 2) if self.channels_last else feats.flatten(2).transpose(1, 2)
         return feats[:, self.num_prefix_tokens :]
 
+    def prompt_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The "prompt" head's N soft prompts for the LLM: [B, 3, H, W] → [B, N, text_dim]."""
+        return self.image_head(self.patch_tokens(images))
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] → [B, embed_dim], L2-normalised."""
+        if self.cfg.image_head == "prompt":
+            # The pooled prompts go through the text head: predicted and cached prompts share
+            # one space, so the head that embeds a caption's pooled prompts embeds an image's.
+            return self.encode_text(self.prompt_tokens(images).mean(dim=1))
         if self.cfg.image_head == "token-mlp":
             x = self.image_head(self.patch_tokens(images))
         else:
@@ -199,7 +223,18 @@ class FacetCLIP(nn.Module):
         return self.logit_scale.clamp(max=MAX_LOG_LOGIT_SCALE).exp()
 
     def forward(self, images: torch.Tensor, text_vectors: torch.Tensor) -> dict:
-        """Features for a loss: ``compute_loss(name, **model(images, text_vectors))``."""
+        """Features for a loss: ``compute_loss(name, **model(images, text_vectors))``. The
+        "prompt" head also returns its ``prompts`` [B, N, text_dim] (and pools them into the
+        image features), for ``train.prompt_losses.compute_prompt_loss``."""
+        if self.cfg.image_head == "prompt":
+            prompts = self.prompt_tokens(images)
+            return {
+                "image_features": self.encode_text(prompts.mean(dim=1)),
+                "text_features": self.encode_text(text_vectors),
+                "logit_scale": self.logit_scale_value(),
+                "logit_bias": self.logit_bias,
+                "prompts": prompts,
+            }
         return {
             "image_features": self.encode_image(images),
             "text_features": self.encode_text(text_vectors),

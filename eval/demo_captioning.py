@@ -1,0 +1,92 @@
+"""The demo's P-Former block (issue 14, papers.md §3): captions from images through the frozen LM.
+
+pformer (a prompt predictor trained on the synthetic captions alone) -> embed --recipe pformer
+(each training caption's N prompts cached) -> train --loss prompt-align (the prompt image head
+pulled towards the cached prompts; no LLM in the loop) -> eval --task captioning on the held-out
+retrieval images: the share of generated captions naming the main object's true shape and
+colour, beside chance and an image-blind baseline, and BLEU-4.
+
+Sizes are the demo's, not the method's: a small predictor and few steps so that the block takes
+a few minutes on 2 CPU cores (``CaptionDemoConfig``); the README gives the full-size figures.
+``compare = True`` adds the caption-lm run (the same head trained through the frozen LM) at equal
+pairs and steps, the BLIP-2-style baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class CaptionDemoConfig:
+    # stage one: the prompt predictor (a fraction of `facetclip pformer`'s default size)
+    pformer_steps: int = 150
+    pformer_batch: int = 32
+    n_prompts: int = 8
+    width: int = 64
+    layers: int = 2
+    max_caption_tokens: int = 32
+    # stage two and captioning
+    steps: int = 150
+    batch_size: int = 64
+    max_new_tokens: int = 24  # the main object is named in the first sentence
+    limit: int | None = None  # held-out images captioned (None: all 200)
+    compare: bool = False  # also caption-lm (the LLM in the loop): slower
+
+
+def caption_block(
+    data: Path,
+    model: Path,
+    out: Path,
+    cfg: CaptionDemoConfig,
+    step: Callable,
+    first: int,
+    seed: int = 0,
+    workers: int = 1,
+) -> tuple[list[dict], dict[str, Path]]:
+    """Run the block inside `run_demo` (``step(i, name, fn)`` times and announces each part;
+    ``first`` is the first step number). Returns ``eval.captioning.demo_rows`` rows and the
+    paths to list in the report."""
+    from embed.pformer import PFormerConfig, train_pformer
+    from embed.pformer_model import PredictorConfig
+    from embed.pipeline import EmbedConfig, run_embed
+    from eval.captioning import CompareConfig, demo_rows
+
+    pf_out, cache = out / "pformer", out / "cache" / "pformer"
+    pcfg = PFormerConfig(captions=str(data / "captions.parquet"), model=str(model),
+                         out=str(pf_out), steps=cfg.pformer_steps, batch_size=cfg.pformer_batch,
+                         seed=seed)  # fmt: skip
+    pcfg.predictor = PredictorConfig(width=cfg.width, layers=cfg.layers, heads=2,
+                                     ffn=2 * cfg.width, n_prompts=cfg.n_prompts,
+                                     proj_dim=64, max_caption_tokens=cfg.max_caption_tokens)  # fmt: skip
+    pcfg.optim.lr, pcfg.optim.warmup_steps = 2e-3, 20
+    pcfg.run.log_every, pcfg.run.checkpoint_every = 25, cfg.pformer_steps
+    pf = step(first, f"pformer: prompt predictor on the captions alone ({cfg.pformer_steps} "
+                     "steps)", lambda: train_pformer(pcfg, overwrite=True, progress=True))  # fmt: skip
+    step(first + 1, "embed: recipe pformer (N prompts per caption)", lambda: run_embed(
+        EmbedConfig(captions=data / "captions.parquet", model=str(pf.predictor), out=cache,
+                    recipe="pformer"), progress=True))  # fmt: skip
+    losses = ("prompt-align", "caption-lm") if cfg.compare else ("prompt-align",)
+    ccfg = CompareConfig(out=out / "runs", images=data / "images", prompt_cache=cache,
+                         captions=data / "captions.parquet", llm=str(model),
+                         eval_data=data / "eval" / "retrieval", steps=cfg.steps,
+                         batch_size=cfg.batch_size, workers=workers, seed=seed,
+                         max_new_tokens=cfg.max_new_tokens, limit=cfg.limit, losses=losses)  # fmt: skip
+    rows = step(first + 2, f"train --loss {' / '.join(losses)} ({cfg.steps} steps) + eval "
+                           "captioning", lambda: demo_rows(ccfg, progress=True))  # fmt: skip
+    paths = {"P-Former predictor": Path(pf.predictor), "cache (pformer)": cache}
+    paths |= {f"run ({loss})": out / "runs" / loss for loss in losses}
+    return rows, paths
+
+
+def report_lines(rows: list[dict]) -> list[str]:
+    """REPORT.md's captioning section."""
+    from eval.captioning import comparison_table
+
+    if not rows:
+        return []
+    return ["", "## Captioning through the frozen LM (P-Former, held-out images)", "",
+            comparison_table(rows), "",
+            f"Example (first held-out image, {rows[0]['loss']}): \"{rows[0]['example']}\""]  # fmt: skip

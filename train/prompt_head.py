@@ -1,0 +1,46 @@
+"""The image head of the prompt losses (P-Former's alignment, BLIP-2's captioning): N learned
+queries that cross-attend to the tower's patch tokens and come out as N soft prompt vectors in
+the frozen LLM's input-embedding space (papers.md §3).
+
+    head = PromptHead(in_dim=768, out_dim=2560, n_prompts=32)
+    prompts = head(model.patch_tokens(images))        # [B, L, C] -> [B, 32, 2560]
+
+A small Q-Former: every block lets the queries attend to each other, then to the patch tokens,
+then an MLP (pre-norm ``nn.TransformerDecoderLayer``: self-attention, cross-attention, MLP).
+The patch tokens are projected to the head's width and normalised once; the queries' output
+is normalised and projected to the LLM's width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PromptHead(nn.Module):
+    """[B, L, in_dim] patch tokens -> [B, n_prompts, out_dim] prompt vectors."""
+
+    def __init__(
+        self, in_dim: int, out_dim: int, n_prompts: int, width: int, layers: int, heads: int
+    ):
+        super().__init__()
+        self.proj_in = nn.Linear(in_dim, width)
+        self.norm_in = nn.LayerNorm(width)
+        # Small random queries (BLIP-2 initialises its 32 queries with std 0.02).
+        self.queries = nn.Parameter(torch.randn(n_prompts, width) * 0.02)
+        block = nn.TransformerDecoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu",
+            batch_first=True, norm_first=True,
+        )  # fmt: skip
+        self.blocks = nn.TransformerDecoder(block, layers)
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, out_dim)
+
+    @property
+    def n_prompts(self) -> int:
+        return self.queries.shape[0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        memory = self.norm_in(self.proj_in(tokens))
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        return self.proj_out(self.norm(self.blocks(queries, memory)))

@@ -1,0 +1,104 @@
+"""The two prompt losses of stage two (papers.md §3): features and prompts in, a dict of named
+losses out, the total under "loss" (the interface of ``train.losses``).
+
+- ``prompt-align`` (P-Former / BLIText): the image head's N prompt vectors are pulled towards
+  the cached P-Former prompts of the paired caption, ``w · MSE`` (w = 10 as published for the
+  representation stage), plus a CLIP contrastive term on pooled prompts, so the same run also
+  retrieves. The LLM is never loaded: the targets come from the cache.
+- ``caption-lm`` (the BLIP-2-style baseline): the same head, trained with the generative loss
+  through the frozen LLM (prompts as ``inputs_embeds`` ahead of the caption, cross-entropy on
+  the caption's tokens, ``store.prompting``), plus the same contrastive term.
+
+The contrastive term pairs the pooled (mean over N) predicted prompts with the pooled cached
+vectors of the caption, both through the model's one text head (``FacetCLIP.encode_text``).
+
+Gradients over workers: the contrastive features are gathered with gradient (the argument
+of ``train.losses.compute_loss``'s docstring holds), the MSE and the cross-entropy are this worker's
+means; with equal batches on every worker DDP's gradient mean is the global batch's gradient
+(exactly for the MSE; for the cross-entropy, the mean of the workers' token means).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from train.losses import PROMPT_LOSSES, clip_loss
+
+__all__ = ["PROMPT_LOSSES", "caption_lm_loss", "compute_prompt_loss", "prompt_align_loss",
+           "prompt_mse"]  # fmt: skip
+ALIGN_WEIGHT = 10.0  # P-Former's w in the representation stage (100 in the generative stage)
+
+
+def prompt_mse(prompts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every element of [B, N, D] (``F.mse_loss``'s mean, as in
+    BLIText's alignment term)."""
+    return F.mse_loss(prompts.float(), target.float())
+
+
+def prompt_align_loss(
+    prompts: torch.Tensor,
+    target: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    weight: float = ALIGN_WEIGHT,
+    contrastive_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """``weight · MSE(prompts, target) + contrastive_weight · CLIP(image, text)``.
+
+    prompts/target [B, N, D]: predicted and cached prompts; image/text [M, E]: L2-normalised
+    pooled features (M ≥ B when gathered over workers); ``logit_scale`` exponentiated."""
+    align = prompt_mse(prompts, target)
+    con = clip_loss(image, text, logit_scale)["loss"]
+    return {"loss": weight * align + contrastive_weight * con, "loss_align": align,
+            "loss_contrastive": con}  # fmt: skip
+
+
+def caption_lm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    weight: float = 1.0,
+    contrastive_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """``weight · CE(logits, targets) + contrastive_weight · CLIP(image, text)``: logits
+    [B, L, V] of the frozen LLM at the caption positions (``store.prompting.prompted_logits``),
+    targets [B, L] with IGNORE at padding; the mean over the batch's caption tokens."""
+    from store.prompting import reconstruction_loss
+
+    lm = reconstruction_loss(logits, targets)
+    con = clip_loss(image, text, logit_scale)["loss"]
+    return {"loss": weight * lm + contrastive_weight * con, "loss_lm": lm,
+            "loss_contrastive": con}  # fmt: skip
+
+
+def compute_prompt_loss(
+    name: str,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    weight: float,
+    contrastive_weight: float,
+    prompts: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    logits: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Loss ``name`` of one step: the contrastive term over the global batch (the features of
+    all workers, gathered with gradient and in float32, as ``train.losses.compute_loss`` does),
+    the prompt term (``prompts``/``target`` or ``logits``/``targets``) over this worker's rows."""
+    from store.collective import gather_features
+
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        image = gather_features(image_features.float())
+        text = gather_features(text_features.float())
+        scale = logit_scale.float()
+        if name == "prompt-align":
+            return prompt_align_loss(prompts, target, image, text, scale, weight,
+                                     contrastive_weight)  # fmt: skip
+        if name == "caption-lm":
+            return caption_lm_loss(logits, targets, image, text, scale, weight, contrastive_weight)
+    raise ValueError(f"not a prompt loss: {name!r}")
