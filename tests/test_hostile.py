@@ -603,6 +603,15 @@ CASES = [
          "c.jsonl")), Refused(r"c\.jsonl is empty \(0 bytes\)")),
     Case("F07", "pformer --out is a file", lambda w, d: _pf(w, d, out=_text(d, "o", "x")),
          Refused(r"o: Not a directory")),
+    # caption: only a run trained for prompts (its image-side failures, a corrupt image and an
+    # empty folder, are in test_captioning.py, which trains one)
+    Case("K01", "caption with a run trained with another loss", lambda w, d: ["caption", w.run,
+         w.images], Refused(r"was trained with --loss mp-sigmoid; only runs trained with "
+                            r"--loss prompt-align or caption-lm")),
+    Case("K02", "caption with a folder that is not a run", lambda w, d: ["caption", d, w.images],
+         Refused(r"is not an exported model \(no config\.json\)")),
+    Case("K03", "caption --beams 0", lambda w, d: ["caption", w.run, w.images, "--beams", "0"],
+         Usage(r"--beams")),
 ]  # fmt: skip
 
 
@@ -781,6 +790,8 @@ BROKEN: dict[str, tuple[Callable, dict[str, tuple[str, str]]]] = {
                            "--name", "nosuch-layout-check"],
              {"RUN": ("dir", "in"), "--data": ("dir", "in")}),
     "demo": (lambda w, p: ["demo", "--out", p["--out"], "--n", "200"], {"--out": ("dir", "out")}),
+    "caption": (lambda w, p: ["caption", p["RUN"], p["IMAGES"], "--out", p["--output"]],
+                {"RUN": ("dir", "in"), "IMAGES": ("dir", "in"), "--output": ("file", "out")}),
     "pformer": (lambda w, p: ["pformer", p["CAPTIONS"], "--model", p["--model"], "--out",
                               p["--out"], "--steps", "1", "--batch-size", "100000", "--no-progress"],
                 {"CAPTIONS": ("file", "in"), "--model": ("dir", "in"), "--out": ("dir", "out")}),
@@ -796,8 +807,8 @@ def _good_paths(w: World, d: Path) -> dict[str, Path]:
     sweep = _text(d, "sweep.toml", '[search]\n"nosuch.field" = [1, 2]\n')
     config = _text(d, "train.toml", "steps = 1\nbatch_size = 4\n")
     return {"CAPTIONS": w.caps, "--model": w.model, "CACHE": w.cache, "--cache": w.cache,
-            "--images": w.images, "RUN": w.run, "--data": w.retrieval, "--config": config,
-            "OUT": d / "new-out", "--out": d / "new-out", "--output": d / "result.csv",
+            "--images": w.images, "IMAGES": w.images, "RUN": w.run, "--data": w.retrieval,
+            "--config": config, "OUT": d / "new-out", "--out": d / "new-out", "--output": d / "result.csv",
             "_sweep": sweep}  # fmt: skip
 
 
