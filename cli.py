@@ -826,14 +826,19 @@ def demo(
     ] = None,
     workers: Annotated[int, typer.Option(min=1, max=8, help="Ray Train workers.")] = 2,
     compare: Annotated[
-        bool, typer.Option(help="Also train on recipes prompteol and llm2clip and compare.")
-    ] = True,
-    captioning: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Also P-Former: pformer -> embed -> train --loss prompt-align -> captioning."
+            help="Also train on recipes prompteol and llm2clip and compare (default: on; off "
+            "with --llm smollm2)."
         ),
-    ] = True,
+    ] = None,
+    captioning: Annotated[
+        bool | None,
+        typer.Option(
+            help="Also P-Former: pformer -> embed -> train --loss prompt-align -> captioning "
+            "(default: on; off with --llm smollm2)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
