@@ -14,5 +14,6 @@ __getattr__, __dir__, __all__ = lazy_face(
         "eval.synth": ["SynthConfig", "write_synth", "render_synth"],
         "eval.tiny_llm": ["TinyLLMConfig", "build_tiny_llm", "probe_facets", "render_tiny_llm"],
         "eval.demo": ["DemoConfig", "run_demo"],
+        "eval.heads_only": ["HeadsOnlyReport", "heads_only_markdown", "run_heads_only"],
     },
 )

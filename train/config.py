@@ -9,11 +9,13 @@ num_facets = 6            # S: facets sampled per image per step (mp-sigmoid)
 facet_mode = "sample"     # clip/siglip: one sampled facet, or "mean" of all
 facets = []               # vectors to train on (default: all in the cache)
 seed = 0
+# images = "data/images"  # end to end: the tower trains on these images, or
+# image_cache = "icache"  # heads only: features of a frozen tower (`facetclip embed-images`)
 
 [model]                   # train.model.ModelConfig
 tower = "vit_base_patch16_224"
-image_head = "token-mlp"  # token-mlp | linear | mlp
-text_head = "none"        # none | linear | adapter
+image_head = "token-mlp"  # token-mlp | linear | mlp | glu
+text_head = "none"        # none | linear | adapter | glu
 center_text = false
 
 [optim]
@@ -83,7 +85,8 @@ class RunOptions:
 
 @dataclass
 class TrainConfig:
-    images: str = ""
+    images: str = ""  # end to end: the tower trains on these images
+    image_cache: str = ""  # heads only: an image cache (embed-images) instead of images
     cache: str = ""
     out: str = ""
     steps: int = 1000
@@ -150,6 +153,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Checks that need no data and no Ray (the cache/images checks come in train.loop)."""
         self.model.loss = self.loss  # the loss decides the logit scale/bias initialisation
+        if bool(self.images) == bool(self.image_cache):
+            raise InputError(
+                "give either images (train the tower end to end) or image_cache (train the "
+                "heads on a frozen tower's cached features), not both or neither"
+            )
         if self.steps < 1:
             raise InputError("steps must be >= 1")
         if self.batch_size < 2:
