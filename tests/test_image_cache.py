@@ -148,6 +148,17 @@ def test_killed_embed_images_then_rerun_equals_a_clean_run(data, icache, tmp_pat
     assert sorted(p.name for p in (out / "shards").iterdir()) == [e[0] for e in entries(out)]
 
 
+def test_two_tower_actors_write_the_cache_of_one(data, icache, tmp_path, ray_session):
+    synth, _ = data
+    out = tmp_path / "icache"
+    summary = run_embed_images(icache_config(synth / "images", out, engines=2), progress=False)
+    assert summary.engines == 2 and summary.engine_failures == 0
+    entries = lambda c: [(s.name, s.rows, s.sha256, s.input_start, s.input_end)  # noqa: E731
+                         for s in Cache.open(c).manifest.shards]  # fmt: skip
+    assert entries(out) == entries(icache[0])  # the same bytes as the in-process path
+    assert not [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")]
+
+
 # --- the join of two caches ----------------------------------------------------------------------
 
 

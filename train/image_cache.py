@@ -281,6 +281,8 @@ def _source_tower(cfg: ImageCacheConfig):
                 f"--tower {cfg.tower} differs from the run's tower {name}; drop --tower"
             )
         tower = create_tower(ModelConfig(tower=name, tower_kwargs=dict(meta["model"]["tower_kwargs"])))  # fmt: skip
+        if not (folder / "tower.safetensors").is_file():
+            raise InputError(f"{folder} has no tower.safetensors; export the run again")
         tower.load_state_dict(load_file(folder / "tower.safetensors"))
         defaults = (meta["image_size"], meta["image_mean"], meta["image_std"])
         kwargs = dict(meta["model"]["tower_kwargs"])

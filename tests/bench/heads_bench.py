@@ -146,7 +146,14 @@ def run(quick: bool = False) -> Report:
                 opt.step()
             return (time.perf_counter() - t0) / (n * batch)
 
-        times = {"e2e+decode": [], "e2e": [], **{h: [] for h in heads}}
+        def read_only(n: int) -> float:
+            """Seconds per sample of reading batches from the two caches, no step."""
+            t0 = time.perf_counter()
+            for _ in range(n):
+                next(streams["token-mlp"])
+            return (time.perf_counter() - t0) / (n * b)
+
+        times = {"e2e+decode": [], "e2e": [], **{h: [] for h in heads}, "read only": []}
         e2e_step(False)  # warm-up
         for h in heads:
             head_steps(h, 2)
@@ -155,6 +162,8 @@ def run(quick: bool = False) -> Report:
             for which in order:
                 if which.startswith("e2e"):
                     times[which].append(e2e_step(decode=which == "e2e+decode") / b)
+                elif which == "read only":
+                    times[which].append(read_only(p["head_steps"]))
                 else:
                     times[which].append(head_steps(which, p["head_steps"]))
     torch.set_num_threads(threads)
@@ -168,7 +177,8 @@ def run(quick: bool = False) -> Report:
     notes = [
         "e2e: the demo's resnet10t at 64 px + token-mlp, mp-sigmoid 6 of 7 facets; e2e+decode adds "
         "the JPEG decode + crop of its batch; heads only: the same loss, batches read from the "
-        "text cache and the image cache (token-mlp: 2 x 2 grid tokens; glu: pooled feature)",
+        "text cache and the image cache (token-mlp: 2 x 2 grid tokens; glu: pooled feature); "
+        "read only: the token-mlp run's batches from the two caches, no step",
         f"image cache: {icache.bytes_per_image:,.0f} bytes per image (pooled 512 + 2 x 2 grid "
         f"tokens, float16), {pooled_only:,.0f} with the pooled feature alone (the JPEGs here: "
         f"{sum(map(len, jpegs)) / len(jpegs):,.0f}); embedded at {icache.images_per_s:,.0f} "
