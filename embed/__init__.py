@@ -16,5 +16,8 @@ __getattr__, __dir__, __all__ = lazy_face(
         ],
         "embed.plan": ["Plan", "PlanConfig", "make_plan", "render_plan"],
         "embed.prompts": ["BUILTIN_RECIPES", "PromptGroup", "Recipe", "get_recipe"],
+        "embed.smollm2": ["materialize_smollm2", "render_smollm2"],
+        "embed.pformer": ["PFormerConfig", "train_pformer", "render_pformer"],
+        "embed.pformer_model": ["load_predictor", "PromptPredictor"],
     },
 )

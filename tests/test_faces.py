@@ -66,12 +66,24 @@ def test_synth_runs_without_torch(tmp_path):
     assert (tmp_path / "s" / "captions.parquet").is_file()
 
 
-def test_every_face_name_resolves():
-    import embed
-    import eval as evaluation
-    import store
-    import train
+def test_no_face_name_is_also_a_submodule():
+    """A name that is also a submodule (``eval.sweep``) would resolve to the module once the
+    submodule is imported: faces must not export such names."""
+    for package in ("store", "embed", "train", "eval"):
+        for name in _face(package).__all__:
+            folder = ROOT / package
+            clash = (folder / f"{name}.py").exists() or (folder / name).is_dir()
+            assert not clash, f"{package}.{name} is both a face name and a submodule"
 
-    for face in (store, embed, train, evaluation):
+
+def test_every_face_name_resolves():
+    for package in ("store", "embed", "train", "eval"):
+        face = _face(package)
         for name in face.__all__:
-            assert getattr(face, name) is not None, f"{face.__name__}.{name}"
+            assert getattr(face, name) is not None, f"{package}.{name}"
+
+
+def _face(package: str):
+    import importlib
+
+    return importlib.import_module(package)

@@ -364,7 +364,7 @@ def test_export_carries_the_frozen_tower_and_eval_needs_no_ray(data, icache, hea
 import sys, json, numpy as np
 sys.modules["ray"] = None  # importing ray now fails: export and eval must not need it
 from PIL import Image
-from eval.evaluate import EvalConfig, evaluate
+from eval.evaluation import EvalConfig, evaluate
 from store.cache import Cache
 from train.export import load
 from train.image_cache import cached_features
@@ -423,7 +423,7 @@ def test_unknown_tower_and_missing_weights_get_one_line(data, tmp_path):
 def test_an_image_cache_of_another_transform_or_tower_is_refused_by_eval(
     data, heads_run, icache, tmp_path
 ):
-    from eval.evaluate import EvalConfig, evaluate
+    from eval.evaluation import EvalConfig, evaluate
 
     synth, _ = data
     eval_split = synth / "eval" / "retrieval"

@@ -263,7 +263,7 @@ def test_short_training_lifts_held_out_retrieval_far_above_chance(
 
 
 def test_eval_writes_reports_and_reuses_its_text_cache(data, tmp_path, ray_session):
-    from eval.evaluate import EvalConfig, evaluate
+    from eval.evaluation import EvalConfig, evaluate
     from eval.metrics import retrieval_recall
 
     run = tmp_path / "evalrun"
