@@ -148,6 +148,50 @@ def test_killed_embed_images_then_rerun_equals_a_clean_run(data, icache, tmp_pat
     assert sorted(p.name for p in (out / "shards").iterdir()) == [e[0] for e in entries(out)]
 
 
+def test_a_kill_from_outside_at_a_random_moment_then_rerun_equals_a_clean_run(
+    data, icache, tmp_path
+):
+    """SIGKILL from another process, a seeded random moment after the first shard was sealed:
+    the kill may land mid-shard (a half-written temporary file), between the rename and the
+    manifest, or after the run ended; the rerun must give the clean run's cache either way."""
+    import random
+    import time
+
+    synth, _ = data
+    out = tmp_path / "icache"
+    cmd = [sys.executable, "-c", "from cli import app; app()", "embed-images",
+           *icache_args(synth / "images", out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:  # the manifest is replaced atomically; it may not exist yet
+                if json.loads((out / "manifest.json").read_text())["shards"]:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.01)
+        time.sleep(random.Random(15).uniform(0.0, 0.3))  # a shard takes ~0.1-0.5 s here
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    print("killed" if proc.returncode == -signal.SIGKILL else "ended first", proc.returncode,
+          len(json.loads((out / "manifest.json").read_text())["shards"]), "shards sealed",
+          sorted(p.name for p in (out / "shards").iterdir()))  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr.decode()
+    got, want = frame(out), frame(icache[0])
+    assert list(got["key"]) == list(want["key"])
+    for name in ("pooled", "grid_0_0", "grid_1_1"):
+        assert np.array_equal(np.stack(got[name]), np.stack(want[name]))
+    entries = lambda c: [(s.name, s.rows, s.sha256, s.input_start, s.input_end)  # noqa: E731
+                         for s in Cache.open(c).manifest.shards]  # fmt: skip
+    assert entries(out) == entries(icache[0])
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [e[0] for e in entries(out)]
+    assert verify_cache(out).ok
+
+
 def test_two_tower_actors_write_the_cache_of_one(data, icache, tmp_path, ray_session):
     synth, _ = data
     out = tmp_path / "icache"
