@@ -318,6 +318,90 @@ def embed(
     console.print(render_embed(run_embed(cfg, progress=progress)))
 
 
+@app.command("embed-images")
+@user_errors
+def embed_images(
+    images: Annotated[
+        Path,
+        typer.Argument(
+            help="Images: img2dataset output (tars, parquet, files) or a key+path table."
+        ),
+    ],
+    out: Annotated[str, typer.Option(help="Image cache directory (created, or resumed).")],
+    tower: Annotated[
+        str | None, typer.Option(help="timm model name (default with --from-run: the run's).")
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="The tower's weights: a local timm state dict (.safetensors/.pth)."),
+    ] = None,
+    from_run: Annotated[
+        Path | None,
+        typer.Option(help="The tower of a facetclip run (RUN/model/tower.safetensors)."),
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option(help="A randomly initialised tower (--seed): a baseline, not a model.")
+    ] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of --random-init.")] = 0,
+    tower_kwargs: Annotated[
+        str | None,
+        typer.Option(help="Extra timm.create_model arguments as JSON, e.g. '{\"img_size\": 64}'."),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(min=16, max=4096, help="Input side (default: the run's, else timm's)."),
+    ] = None,
+    grid: Annotated[
+        int,
+        typer.Option(
+            min=0, max=16, help="Also store patch tokens pooled to GRID x GRID (token-mlp heads)."
+        ),
+    ] = 0,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float16 | float32 | int8")] = "float16",
+    shard_rows: Annotated[
+        int | None,
+        typer.Option(min=1, max=10_000_000, help="Images per shard (default: ~256 MB shards)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 64,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N images.")] = None,
+    image_format: Annotated[
+        str, typer.Option(help="auto | webdataset | parquet | files | csv")
+    ] = "auto",
+    key_column: KeyColumnOpt = "key",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    engines: Annotated[
+        int, typer.Option(min=1, help="Tower actors on Ray (one per GPU, or CPU).")
+    ] = 1,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Run the actors on this Ray cluster.")
+    ] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run a frozen timm tower once over an image dataset and cache its features (the pooled
+    feature, optionally a grid of patch tokens) in the cache format of `embed`: resumable,
+    exactly once; `inspect`, `sql` and `verify` read it, `train --image-cache` trains heads on it.
+
+    Example: facetclip embed-images data/synth/images --from-run runs/r1 --out icache/r1
+    """
+    import json
+
+    from train import ImageCacheConfig, render_embed_images, run_embed_images
+
+    try:
+        kwargs = json.loads(tower_kwargs) if tower_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--tower-kwargs is not JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise typer.BadParameter("--tower-kwargs must be a JSON object")
+    cfg = ImageCacheConfig(images=images, out=out, tower=tower, weights=weights, from_run=from_run,
+                           random_init=random_init, seed=seed, tower_kwargs=kwargs,
+                           image_size=image_size, grid=grid, dtype=dtype, shard_rows=shard_rows,
+                           batch_size=batch_size, limit=limit, image_format=image_format,
+                           key_column=key_column, device=device, engines=engines,
+                           ray_address=ray_address)  # fmt: skip
+    console.print(render_embed_images(run_embed_images(cfg, progress=progress)))
+
+
 @app.command()
 @user_errors
 def plan(
@@ -503,6 +587,12 @@ def train_cmd(
         Path | None,
         typer.Option(help="Images: img2dataset output (tars, parquet, files) or a key+path table."),
     ] = None,
+    image_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Instead of --images: an image cache (embed-images); the tower stays frozen, only the heads train."
+        ),
+    ] = None,
     cache: Annotated[
         str | None,
         typer.Option(help="The stage-one cache to train against: a folder, or s3://bucket/path."),
@@ -543,9 +633,11 @@ def train_cmd(
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty --out.")] = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """Train a vision tower + heads against a cache, on Ray (the LLM is never loaded).
+    """Train a vision tower + heads against a cache, on Ray (the LLM is never loaded); with
+    --image-cache, only the heads, on a frozen tower's cached features.
 
     Example: facetclip train --images data/synth/images --cache cache/flame --out runs/r1 --steps 300
+    Heads only: facetclip train --image-cache icache/r1 --cache cache/flame --out runs/h1 --set model.image_head=glu
     """
     from train import TrainConfig, render_train
     from train import train as run_training
@@ -556,14 +648,16 @@ def train_cmd(
         cfg = TrainConfig.from_toml(config) if config else TrainConfig()
         # Each flag is a dotted field of TrainConfig, set the way --set sets one.
         flags = {
-            "images": images, "cache": cache, "out": out, "steps": steps,
+            "images": images, "image_cache": image_cache, "cache": cache, "out": out, "steps": steps,
             "batch_size": batch_size, "loss": loss, "model.tower": tower, "optim.lr": lr,
             "run.workers": workers, "run.gpus_per_worker": gpus_per_worker,
             "run.ray_address": ray_address,
         }  # fmt: skip
         given = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
         cfg = cfg.assign(given, source="option").override(set_)
-        missing = [n for n in ("images", "cache", "out") if not getattr(cfg, n)]
+        missing = [n for n in ("cache", "out") if not getattr(cfg, n)]
+        if not cfg.images and not cfg.image_cache:
+            missing.insert(0, "images (or --image-cache)")
         if missing:
             raise InputError(
                 f"missing {', '.join('--' + m for m in missing)} (or set them in --config)"
@@ -735,6 +829,12 @@ def eval_cmd(
     max_tokens: Annotated[
         int, typer.Option(min=1, help="captioning: most tokens generated per caption.")
     ] = 48,
+    image_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the eval images' features from this image cache (embed-images of the eval split; keys = file names) instead of running the tower."
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Zero-shot classification, image<->text retrieval, or (for a prompt run) captioning
@@ -748,7 +848,7 @@ def eval_cmd(
     cfg = EvalConfig(run=run, task=task, data=data, layout=layout, name=name, query=query,
                      caption_column=caption_column, image_column=image_column, split=split,
                      limit=limit, engine=engine, llm=model, labels=labels, beams=beams,
-                     max_new_tokens=max_tokens)  # fmt: skip
+                     max_new_tokens=max_tokens, image_cache=image_cache)  # fmt: skip
     report = evaluate(cfg)
     if json_:
         _print_json(report.to_dict())

@@ -11,8 +11,6 @@ shards still to do) and ``ShardEmbedder`` (one shard's vectors and its staged fi
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,8 +35,15 @@ from embed.prompts import PFORMER_POOLINGS, Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
 from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
 from store.errors import FacetclipError, InputError
-from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
+from store.format import (
+    TOKENS_PREFIX,
+    auto_shard_rows,
+    encode_vectors,
+    layout_metadata,
+    shard_schema,
+)
 from store.progress import Bar
+from store.shard_actors import kill_after_shards
 from store.tables import (
     CaptionBatch,
     CaptionSource,
@@ -148,11 +153,6 @@ def recipe_with_overrides(
             f"--column names {sorted(unknown)} are not columns of recipe {recipe.name!r} ({recipe.columns})"
         )
     return recipe.with_columns(columns)
-
-
-def auto_shard_rows(n_vectors: int, dim: int, dtype: str) -> int:
-    bytes_per_row = n_vectors * dim * {"float16": 2, "float32": 4, "int8": 1}[dtype] + 1024
-    return int(np.clip((256 << 20) // bytes_per_row, 1000, 100_000))
 
 
 def find_duplicates(source: CaptionSource, limit: int | None) -> dict[str, int]:
@@ -389,7 +389,7 @@ def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSu
             staged, stats = embedder.stage(plan.cache, index, shard, bar.advance)
             plan.cache.commit_shard(staged)
             summary.add(stats)
-            _maybe_fault(summary.shards_written)
+            kill_after_shards(summary.shards_written)  # crash tests only
     finally:
         bar.close()
         if own_engine and engine is not None and hasattr(engine, "close"):
@@ -401,14 +401,6 @@ def describe_engine(cfg: EmbedConfig, recipe: Recipe) -> str:
     """What ``--engine`` ran and why, e.g. "hf (auto: the hf engine on the CPU ...)"."""
     kind, why = pick_engine(cfg.engine, cfg.device, recipe.pooling)
     return kind if cfg.engine != "auto" else f"{kind} ({why})"
-
-
-def _maybe_fault(shards_written: int) -> None:
-    """Fault injection for crash tests: FACETCLIP_KILL_AFTER_SHARDS=N makes the process
-    SIGKILL itself right after its N-th shard landed in the manifest."""
-    n = os.environ.get("FACETCLIP_KILL_AFTER_SHARDS")
-    if n and shards_written >= int(n):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def engine_config(cfg: EmbedConfig, recipe: Recipe) -> EngineConfig:

@@ -22,5 +22,6 @@ __getattr__, __dir__, __all__ = lazy_face(
             "demo_rows",
             "comparison_table",
         ],  # fmt: skip
+        "eval.heads_only": ["HeadsOnlyReport", "heads_only_markdown", "run_heads_only"],
     },
 )

@@ -65,6 +65,9 @@ class EvalConfig:
     labels: Path | None = None
     beams: int = 1
     max_new_tokens: int = 48
+    # Features of the eval images from an image cache (embed-images of the eval split, keys =
+    # image file names up to the first dot) instead of running the tower on each image.
+    image_cache: Path | None = None
 
 
 @dataclass
@@ -167,7 +170,11 @@ def embed_texts(
 # --- images ----------------------------------------------------------------------------------------
 
 
-def encode_images(model, paths: list[Path], batch_size: int) -> np.ndarray:
+def encode_images(model, paths: list[Path], batch_size: int, image_cache=None) -> np.ndarray:
+    """[n, D]: the model's image embeddings of ``paths``, through its frozen or trained tower,
+    or from ``image_cache``'s features of the same images (checked to be what the tower gives)."""
+    if image_cache is not None:
+        return model.encode_features(_cache_features(model, paths, image_cache))
     from PIL import Image
 
     out = []
@@ -181,6 +188,17 @@ def encode_images(model, paths: list[Path], batch_size: int) -> np.ndarray:
                 raise InputError(f"cannot read image {p}: {e}") from None
         out.append(model.encode_image(images))
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def _cache_features(model, paths: list[Path], image_cache) -> np.ndarray:
+    from store.images import file_key
+    from train.image_cache import cached_features, check_cache_fits, open_image_cache
+
+    cache = open_image_cache(image_cache)
+    check_cache_fits(cache.recipe, model.meta, str(image_cache))
+    m = model.meta["model"]
+    grid = int(m.get("token_grid", 0)) if m["image_head"] == "token-mlp" else None
+    return cached_features(cache, [file_key(p) for p in paths], grid)
 
 
 # --- the two tasks ---------------------------------------------------------------------------------
@@ -230,7 +248,7 @@ def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalRe
     per_template = model.encode_text(vectors).reshape(len(data.classes), len(cfg.templates), -1)
     classes = per_template.mean(axis=1)  # average over templates, then renormalise
     classes /= np.linalg.norm(classes, axis=1, keepdims=True)
-    images = encode_images(model, data.images, cfg.batch_size)
+    images = encode_images(model, data.images, cfg.batch_size, cfg.image_cache)
     m = zero_shot_accuracy(images, classes, data.labels)
     c = len(data.classes)
     chance = {k: min(1.0, int(k[3:]) / c) for k in m if k.startswith("top")}
@@ -243,7 +261,7 @@ def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalR
 
     r, names = text_recipe(recipe, model.facets, cfg.query)
     texts = model.encode_text(embed_texts(cfg.run, list(data.captions), r, names, cfg.engine))
-    images = encode_images(model, data.images, cfg.batch_size)
+    images = encode_images(model, data.images, cfg.batch_size, cfg.image_cache)
     caption_image = np.asarray(data.caption_image)
     ks = (1, 5, 10)
     metrics: dict = retrieval_recall(images, texts, caption_image, ks)

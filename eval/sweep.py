@@ -70,7 +70,7 @@ EVAL_METRICS = {
     "zeroshot": ("top1", "top5"),
 }
 # Fields a trial must not vary: one sweep, one cache and image set, one output tree.
-FIXED = ("images", "cache", "out", "run.ray_address")
+FIXED = ("images", "image_cache", "cache", "out", "run.ray_address")
 RESULT_FILE = "sweep_result.json"
 TRIALS_FILE = "trials.json"
 
@@ -308,11 +308,16 @@ def trial_configs(
 
     base = TrainConfig().assign(cfg.base, "[base]")
     base.images, base.cache = str(images or base.images), str(cache or base.cache)
-    missing = [n for n in ("images", "cache") if not getattr(base, n)]
+    missing = [n for n in ("cache",) if not getattr(base, n)]
+    if not base.images and not base.image_cache:
+        missing.insert(0, "images")
     if missing:
         raise InputError(f"missing {', '.join('--' + m for m in missing)} (or set them in [base])")
-    # absolute: Tune runs each trial in a working directory of its own
-    base.images, base.cache = str(Path(base.images).resolve()), str(Path(base.cache).resolve())
+    # absolute: Tune runs each trial in a working directory of its own (heads only: a sweep
+    # over heads and losses reads [base] image_cache instead of images)
+    for name in ("images", "image_cache", "cache"):
+        if getattr(base, name):
+            setattr(base, name, str(Path(getattr(base, name)).resolve()))
     configs, checked = {}, {}
     for t in trials:
         c = base.assign(t.params, "[search]")

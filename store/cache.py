@@ -658,6 +658,33 @@ class Cache:
         self._save_manifest()
         return entry
 
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write a file beside the manifest (e.g. an image cache's backbone weights)
+        atomically: readers see the old bytes or the new, never a part."""
+        if self.fs is None:
+            atomic_write_bytes(self.root / name, data)
+        else:
+            _fs_write_bytes(self.fs, f"{self.root}/{name}", data)
+
+    def read_file(self, name: str) -> bytes | None:
+        """The bytes of a file beside the manifest, or None when there is none."""
+        if self.fs is None:
+            path = self.root / name
+            return path.read_bytes() if path.is_file() else None
+        path = f"{self.root}/{name}"
+        if not _fs_is_file(self.fs, path):
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def stager(self) -> Cache:
+        """A small copy of this cache for Ray actors that only stage shards
+        (``store.shard_actors``): the root made absolute (an actor may run in another working
+        directory, or host) and no shard list (the driver alone commits)."""
+        root = self.root if self.fs is not None else Path(self.root).resolve()
+        manifest = Manifest(self.manifest.layout, self.manifest.shard_rows)
+        return Cache(root, self.recipe, manifest, self.fs)
+
     def discard(self, staged: StagedShard) -> None:
         """Delete a staged shard's temporary files (a shard another actor already committed)."""
         for tmp in (staged.shard_tmp, staged.skipped_tmp):

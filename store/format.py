@@ -92,3 +92,10 @@ def layout_metadata(vector_names: list[str], dim: int, dtype: str, text_columns:
         "dtype": dtype,
         "text_columns": list(text_columns),
     }
+
+
+def auto_shard_rows(n_vectors: int, dim: int, dtype: str) -> int:
+    """Rows per shard when the user gives none: ~256 MB shards, 1,000 to 100,000 rows (a shard
+    is the unit of resumption: a killed run loses at most one shard's work)."""
+    bytes_per_row = n_vectors * dim * {"float16": 2, "float32": 4, "int8": 1}[dtype] + 1024
+    return int(np.clip((256 << 20) // bytes_per_row, 1000, 100_000))

@@ -83,6 +83,11 @@ class ImageScan:
     group_rows: dict = field(default_factory=dict)
 
 
+def file_key(path: str | Path) -> str:
+    """The key of an image file: its name up to the first dot (img2dataset ``files``)."""
+    return Path(path).name.partition(".")[0]
+
+
 def is_image(path: Path) -> bool:
     return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
 
@@ -274,7 +279,7 @@ def _scan_parquet(path: Path, key_column: str) -> ImageScan:
 
 def _scan_files(path: Path) -> ImageScan:
     paths = [str(f) for f in image_files(path)]
-    keys = [Path(p).name.partition(".")[0] for p in paths]
+    keys = [file_key(p) for p in paths]
     failed = failed_in_metadata(_with_suffix(listing(path), [".parquet"]))
     return ImageScan(_image_rows(keys, paths=paths), "files", failed=failed)
 

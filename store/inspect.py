@@ -78,6 +78,8 @@ class CacheSummary:
     norm_rows: int  # rows the vector statistics cover (all, unless capped)
     norm_sampled: bool = False
     text_columns: list[str] = field(default_factory=list)
+    # an image cache (`facetclip embed-images`): its transform and token grid; None otherwise
+    image: dict | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data (for `facetclip inspect --json`)."""
@@ -245,6 +247,11 @@ def inspect_cache(path: str | Path, norm_sample_rows: int | None = None) -> Cach
         norm_rows=facets[0].rows + facets[0].nonfinite_rows if facets else 0,
         norm_sampled=sampled,
         text_columns=list(layout.get("text_columns", [])),
+        image=(
+            {"transform": recipe.get("transform", {}), "grid": recipe.get("grid", 0)}
+            if recipe.get("kind") == "image"
+            else None
+        ),
     )
 
 
@@ -274,17 +281,27 @@ def render_summary(summary: CacheSummary):
     over.add_row("rows", f"{s.rows:,} in {s.shards} shard(s)")
     per_row = f" ({_human_bytes(s.bytes_per_row)} per row)" if s.bytes_per_row else ""
     over.add_row("size on disk", f"{_human_bytes(s.bytes)}{per_row}")
-    over.add_row(
-        "recipe", f"{escape(s.recipe)}: pooling {s.pooling}, layer {s.layer}, stored as {s.dtype}"
-    )
-    over.add_row("model", escape(s.model))
-    over.add_row("model fingerprint", s.model_fingerprint)
-    over.add_row(
-        "truncated captions",
-        f"{s.truncated:,} ({_fmt(s.truncated_share and 100 * s.truncated_share, '.1f')}%)"
-        if s.rows
-        else "–",
-    )
+    if s.image is not None:  # features of a frozen vision tower (`facetclip embed-images`)
+        t, g = s.image["transform"], s.image["grid"]
+        grid = f" + a {g} x {g} token grid" if g else ""
+        over.add_row("image cache", f"pooling {s.pooling}{grid}, stored as {s.dtype}")
+        over.add_row("tower", escape(s.model))
+        over.add_row("weights fingerprint", s.model_fingerprint)
+        over.add_row("transform", f"{t.get('image_size')} px, {t.get('resize')}, "
+                     f"mean {t.get('mean')}, std {t.get('std')}")  # fmt: skip
+    else:
+        over.add_row(
+            "recipe",
+            f"{escape(s.recipe)}: pooling {s.pooling}, layer {s.layer}, stored as {s.dtype}",
+        )
+        over.add_row("model", escape(s.model))
+        over.add_row("model fingerprint", s.model_fingerprint)
+        over.add_row(
+            "truncated captions",
+            f"{s.truncated:,} ({_fmt(s.truncated_share and 100 * s.truncated_share, '.1f')}%)"
+            if s.rows
+            else "–",
+        )
     for c, t in s.tokens.items():
         over.add_row(f"tokens of {escape(c)}", f"mean {_fmt(t.mean, '.1f')}, max {t.max}")
     over.add_row(

@@ -274,9 +274,10 @@ def _open(root: Path) -> Cache:
 
 
 def _rerun_hint(cache: Cache) -> str:
-    src = cache.manifest.input.get("path", "CAPTIONS")
+    command = "embed-images" if cache.recipe.get("kind") == "image" else "embed"
+    src = cache.manifest.input.get("path", "IMAGES" if command == "embed-images" else "CAPTIONS")
     return (
-        f"rerun the same `facetclip embed {src} --out {cache.root} ...` command: "
+        f"rerun the same `facetclip {command} {src} --out {cache.root} ...` command: "
         "it recomputes exactly the shards missing from the manifest"
     )
 

@@ -8,6 +8,7 @@ __getattr__, __dir__, __all__ = lazy_face(
     {
         "train.config": ["TrainConfig"],
         "train.export": ["TrainedModel", "load"],
+        "train.image_cache": ["ImageCacheConfig", "run_embed_images", "render_embed_images"],
         "train.loop": ["TrainError", "TrainResult", "train", "render_train"],
         "train.losses": ["LOSSES", "compute_loss"],
         "train.model": ["FacetCLIP", "ModelConfig", "build_model"],

@@ -9,11 +9,13 @@ num_facets = 6            # S: facets sampled per image per step (mp-sigmoid)
 facet_mode = "sample"     # clip/siglip: one sampled facet, or "mean" of all
 facets = []               # vectors to train on (default: all in the cache)
 seed = 0
+# images = "data/images"  # end to end: the tower trains on these images, or
+# image_cache = "icache"  # heads only: features of a frozen tower (`facetclip embed-images`)
 
 [model]                   # train.model.ModelConfig
 tower = "vit_base_patch16_224"
-image_head = "token-mlp"  # token-mlp | linear | mlp
-text_head = "none"        # none | linear | adapter
+image_head = "token-mlp"  # token-mlp | linear | mlp | glu
+text_head = "none"        # none | linear | adapter | glu
 center_text = false
 
 [prompt]                  # the prompt losses (P-Former, papers.md §3)
@@ -105,7 +107,8 @@ class PromptOptions:
 
 @dataclass
 class TrainConfig(TomlConfig):
-    images: str = ""
+    images: str = ""  # end to end: the tower trains on these images
+    image_cache: str = ""  # heads only: an image cache (embed-images) instead of images
     cache: str = ""
     out: str = ""
     steps: int = 1000
@@ -132,8 +135,18 @@ class TrainConfig(TomlConfig):
     def validate(self) -> None:
         """Checks that need no data and no Ray (the cache/images checks come in train.loop)."""
         self.model.loss = self.loss  # the loss decides the logit scale/bias initialisation
+        if bool(self.images) == bool(self.image_cache):
+            raise InputError(
+                "give either images (train the tower end to end) or image_cache (train the "
+                "heads on a frozen tower's cached features), not both or neither"
+            )
         from train.prompt_losses import PROMPT_LOSSES
 
+        if self.image_cache and self.loss in PROMPT_LOSSES:
+            raise InputError(
+                f"loss {self.loss} trains the prompt head on the tower's patch tokens; it needs "
+                "images, not an image cache"
+            )
         if self.loss in PROMPT_LOSSES:
             # The prompt losses train the prompt head; nothing else can feed them.
             self.model.image_head = "prompt"

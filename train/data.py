@@ -327,7 +327,25 @@ def scan_keys(cfg: DataConfig) -> JoinStats:
 def epoch_order(
     plan: JoinPlan, cfg: DataConfig, epoch: int, rank: int = 0, world_size: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices into ``plan.table``, sub-unit id of each), this rank's slice of the epoch.
+    """(row indices into ``plan.table``, sub-unit id of each), this rank's slice of the epoch
+    (``epoch_rows`` over the plan's cache row groups)."""
+    t = plan.table
+    return epoch_rows(t.column("shard").to_numpy(), t.column("rg").to_numpy(), cfg.train,
+                      cfg.seed, cfg.unit_rows, epoch, rank, world_size)  # fmt: skip
+
+
+def epoch_rows(
+    shard: np.ndarray,
+    rg: np.ndarray,
+    train: bool,
+    seed: int,
+    unit_rows: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, sub-unit id of each), this rank's slice of an epoch over rows that sit in
+    cache row groups (``shard``, ``rg``), in cache order.
 
     Training: rows shuffled within their cache row group, cut into sub-units of at most
     ``unit_rows``, sub-units shuffled; ranks take equal contiguous slices (the remainder is
@@ -335,20 +353,19 @@ def epoch_order(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    t = plan.table
-    unit = _unit_ids(t.column("shard").to_numpy(), t.column("rg").to_numpy())
+    unit = _unit_ids(shard, rg)
     n = len(unit)
-    if cfg.train:
-        rng = np.random.default_rng([cfg.seed, epoch])
+    if train:
+        rng = np.random.default_rng([seed, epoch])
         order = np.lexsort((rng.random(n), unit))  # grouped by unit, random inside
-        sub = _sub_units(unit[order], cfg.unit_rows)
+        sub = _sub_units(unit[order], unit_rows)
         rank_of_sub = rng.permutation(sub[-1] + 1 if n else 0)
         final = np.argsort(rank_of_sub[sub], kind="stable")
         order, sub = order[final], sub[final]
         per_rank = n // world_size
         lo, hi = rank * per_rank, (rank + 1) * per_rank
     else:
-        order, sub = np.arange(n), _sub_units(unit, cfg.unit_rows)
+        order, sub = np.arange(n), _sub_units(unit, unit_rows)
         bounds = np.linspace(0, n, world_size + 1).round().astype(int)
         lo, hi = bounds[rank], bounds[rank + 1]
     return order[lo:hi], sub[lo:hi]

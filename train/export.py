@@ -6,8 +6,14 @@ RUN/model/
                       (center_text's offset: encode_text subtracts it, as in training)
   tower.safetensors   the tower alone, a plain timm state dict (timm.create_model(...).load_state_dict)
   config.json         model config, text_dim, image preprocessing, the cache's recipe and facets,
-                      the prompt losses' options (a caption-lm run's LLM)
+                      the prompt losses' options (a caption-lm run's LLM),
+                      the tower's weights fingerprint (``backbone``: what an image cache must match)
 ```
+
+A heads-only run (``image_cache``) trained no tower: its export puts the image cache's frozen
+tower (ICACHE/backbone.safetensors) in front of the trained heads, and takes the cache's
+transform as its image preprocessing, so the export encodes images exactly as the cached
+features were made and needs nothing else at inference.
 
 ```python
 from train.export import load
@@ -35,8 +41,8 @@ from store.cache import Cache
 from store.errors import CacheError, InputError
 from store.runs import load_checkpoint
 from train.config import TrainConfig
-from train.model import FacetCLIP, ModelConfig, build_model
-from train.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, eval_transform
+from train.model import FacetCLIP, ModelConfig, build_model, weights_fingerprint
+from train.transforms import ImageTransform, eval_transform
 
 MODEL_DIR = "model"
 
@@ -46,7 +52,11 @@ def export_model(run: Path, checkpoint: Path) -> Path:
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, state["text_dim"])
-    load_checkpoint(checkpoint, model)
+    if cfg.image_cache:
+        transform = _heads_on_backbone(model, checkpoint, cfg.image_cache)
+    else:
+        load_checkpoint(checkpoint, model)
+        transform = ImageTransform(image_size=cfg.data.image_size, train=False)
     try:  # the recipe travels with the model: eval embeds its text queries with it
         recipe = Cache.open(cfg.cache).recipe
     except CacheError:
@@ -63,9 +73,11 @@ def export_model(run: Path, checkpoint: Path) -> Path:
         "model": asdict(cfg.model),
         "text_dim": state["text_dim"],
         "step": state["step"],
-        "image_size": cfg.data.image_size,
-        "image_mean": list(CLIP_MEAN),
-        "image_std": list(CLIP_STD),
+        "image_size": transform.image_size,
+        "image_mean": list(transform.mean),
+        "image_std": list(transform.std),
+        "backbone": {"tower": cfg.model.tower, "fingerprint": weights_fingerprint(model.tower)},
+        "image_cache": str(cfg.image_cache) or None,
         "facets": cfg.facets,
         "loss": cfg.loss,
         "recipe": recipe,
@@ -76,6 +88,26 @@ def export_model(run: Path, checkpoint: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _heads_on_backbone(model: FacetCLIP, checkpoint: Path, image_cache: str) -> ImageTransform:
+    """Load a heads-only checkpoint into ``model`` behind the image cache's frozen tower;
+    returns the cache's transform (the export's preprocessing)."""
+    from train.image_cache import load_backbone, open_image_cache, recipe_transform
+
+    cache = open_image_cache(image_cache)
+    load_backbone(cache, into=model.tower)
+    missing, unexpected = model.load_state_dict(
+        load_file(Path(checkpoint) / "model.safetensors"), strict=False
+    )
+    not_tower = [k for k in missing if not k.startswith("tower.")]
+    if not_tower or unexpected:
+        raise CacheError(
+            f"checkpoint {checkpoint} does not fit the heads of a model on {cache.recipe['model']}"
+            f" (missing {not_tower[:5]}, unexpected {unexpected[:5]}); was {image_cache} "
+            "replaced after training?"
+        )
+    return recipe_transform(cache.recipe)
 
 
 class TrainedModel:
@@ -112,6 +144,13 @@ class TrainedModel:
         return self.model.prompt_tokens(images.to(self.device)).float()
 
     @torch.no_grad()
+    def encode_features(self, features) -> np.ndarray:
+        """What the image head reads, from an image cache ([B, P] pooled, or [B, G², C] grid
+        tokens for a token-mlp head) -> [B, D] float32 unit vectors."""
+        f = torch.as_tensor(np.asarray(features, dtype=np.float32), device=self.device)
+        return self.model.encode_image_features(f).float().cpu().numpy()
+
+    @torch.no_grad()
     def encode_text(self, vectors) -> np.ndarray:
         """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors (a center_text
         model subtracts its ``text_mean`` buffer inside, exactly as in training)."""
@@ -125,7 +164,8 @@ class TrainedModel:
         return np.stack([eval_transform(im, t) for im in images])
 
 
-def _model_dir(path: str | Path) -> Path:
+def model_dir(path: str | Path) -> Path:
+    """The exported model folder of a run (RUN/model/) or the folder itself."""
     path = Path(path)
     if (path / MODEL_DIR / "config.json").is_file():
         path = path / MODEL_DIR  # a run directory
@@ -138,11 +178,11 @@ def _model_dir(path: str | Path) -> Path:
 
 def load_meta(path: str | Path) -> dict:
     """An export's config.json (model config, preprocessing, facets, recipe), without weights."""
-    return json.loads((_model_dir(path) / "config.json").read_text())
+    return json.loads((model_dir(path) / "config.json").read_text())
 
 
 def load(path: str | Path, device: str = "cpu") -> TrainedModel:
-    path = _model_dir(path)
+    path = model_dir(path)
     meta = load_meta(path)
     model = build_model(ModelConfig(**meta["model"]), meta["text_dim"])
     model.load_state_dict(load_file(path / "model.safetensors"))

@@ -6,6 +6,11 @@ timm name, the image/cache key join), write RUN/config.toml, start (or join) Ray
 ``TorchTrainer`` over a Ray Data pipeline, show a progress bar, then plot the metrics and export
 RUN/model/. Workers: the training step below, top to bottom.
 
+Heads only (``image_cache`` instead of ``images``): the tower is not run. Each worker reads
+its slice of the join of the text cache and the image cache itself (train.cache_pairs: no
+images to decode, so no Ray Data), the image head reads the cached features, and the export
+puts the image cache's frozen tower back in front of the trained heads.
+
 Recovery: every worker (re)starts from RUN/checkpoints' newest complete checkpoint, so Ray's
 failure handling (``run.max_failures``) and ``facetclip train --resume RUN`` are the same path.
 Within an epoch the data order is a pure function of the seed, so a resumed run replays the
@@ -64,7 +69,6 @@ def prepare_run(
     cfg: TrainConfig, resume: bool = False, overwrite: bool = False
 ) -> tuple[TrainConfig, dict]:
     """Every check that needs no Ray; returns the config to run and the facts workers need."""
-    from train.data import plan_join
 
     run = Path(cfg.out)
     if resume:
@@ -84,10 +88,20 @@ def prepare_run(
                 f"{run} exists and is not empty; choose another --out or pass --overwrite"
             )
     layout = check_config(cfg)
-    plan = plan_join(_data_config(cfg, train=True))  # InputError when images and cache share no key
+    if cfg.image_cache:  # heads only: the join of two caches (InputError when no key is shared)
+        from train.cache_pairs import plan_pairs
+
+        plan = plan_pairs(cfg.cache, cfg.image_cache, cfg.facets, image_vectors(cfg))
+        reads = 1.0
+    else:
+        from train.data import plan_join
+
+        plan = plan_join(_data_config(cfg, train=True))  # InputError when nothing joins
+        reads = plan.image_reads_per_row
 
     facts = {
         "text_dim": layout["dim"],
+        "image_dim": plan.image_dim if cfg.image_cache else None,
         "join": _as_dict(plan.stats),
         "text_mean": None,
         "plan": plan,
@@ -120,7 +134,7 @@ def prepare_run(
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     (run / CONFIG_FILE).write_text(cfg.to_toml())
     (run / "data_stats.json").write_text(
-        json.dumps({**facts["join"], "image_reads_per_row": plan.image_reads_per_row}, indent=1)
+        json.dumps({**facts["join"], "image_reads_per_row": reads}, indent=1)
     )
     (run / NAN_FILE).unlink(missing_ok=True)
     return cfg, facts
@@ -148,8 +162,43 @@ def check_config(cfg: TrainConfig) -> dict:
 
         p = check_prompt_config(cfg, layout)
         layout = {**layout, "dim": p.width, "prompt_form": p.form}
-    build_model(cfg.model, layout["dim"])  # unknown timm name, bad head: fail here, not in a worker
+    if cfg.image_cache:
+        # unknown head, token-mlp without cached tokens: fail here, not in a worker
+        build_model(cfg.model, layout["dim"], image_dim=use_image_cache(cfg))
+    else:  # unknown timm name, bad head: fail here, not in a worker
+        build_model(cfg.model, layout["dim"])
     return layout
+
+
+def use_image_cache(cfg: TrainConfig) -> int:
+    """A heads-only run takes its tower from the image cache: the cache's recipe sets
+    ``model.tower`` (and its kwargs), the transform's image size, and for a token-mlp head the
+    token grid. Returns the width of the cached features."""
+    from train.image_cache import open_image_cache, recipe_transform
+
+    cache = open_image_cache(cfg.image_cache)
+    recipe = cache.recipe
+    cfg.model.tower, cfg.model.tower_kwargs = recipe["model"], dict(recipe.get("tower_kwargs", {}))
+    cfg.model.pretrained_path = None  # the frozen weights are the cache's backbone file
+    cfg.model.grad_checkpointing = False
+    cfg.data.image_size = recipe_transform(recipe).image_size
+    if cfg.model.image_head == "token-mlp":
+        if not recipe.get("grid"):
+            raise InputError(
+                f"image head token-mlp reads patch tokens, but {cfg.image_cache} holds the pooled "
+                "feature only; embed the images with --grid G (e.g. 2), or use image_head "
+                "linear, mlp or glu"
+            )
+        cfg.model.token_grid = int(recipe["grid"])
+    return int(cache.manifest.layout["dim"])
+
+
+def image_vectors(cfg: TrainConfig) -> list[str]:
+    """The image-cache vectors a heads-only run reads: the grid tokens for token-mlp, else
+    the pooled feature."""
+    from train.image_cache import POOLED, grid_names
+
+    return grid_names(cfg.model.token_grid) if cfg.model.image_head == "token-mlp" else [POOLED]
 
 
 def text_mean(cache: str | Path, facets: list[str]) -> np.ndarray:
@@ -271,10 +320,8 @@ def worker_loop(loop_cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from train.data import build_dataset, torch_collate
     from train.losses import compute_loss, select_facets
     from train.model import build_model, lr_at
-    from train.transforms import drop_invalid
 
     cfg = TrainConfig.from_dict(loop_cfg["config"])
     run = Path(loop_cfg["run"])
@@ -284,7 +331,7 @@ def worker_loop(loop_cfg: dict) -> None:
     device = ray.train.torch.get_device()
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    model = build_model(cfg.model, loop_cfg["text_dim"])
+    model = build_model(cfg.model, loop_cfg["text_dim"], image_dim=loop_cfg["image_dim"])
     if loop_cfg["text_mean"] is not None:
         # center_text's offset lives in the model (a buffer saved with the weights), so the
         # export applies exactly what the loss saw here.
@@ -311,35 +358,24 @@ def worker_loop(loop_cfg: dict) -> None:
 
     log = MetricsLog(run, enabled=rank == 0, after_step=state["step"])
     plan = ray.get(loop_cfg["plan"])
-    data_cfg = _data_config(cfg, train=True)
     per_worker = cfg.batch_size // world
     step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
     t_last, images_since = time.perf_counter(), 0
     invalid_total = state.get("invalid_images", 0)
     while step < cfg.steps:
-        consumed = 0
-        # Every rank gets an equal, disjoint slice of the epoch, so all take the same steps.
-        dataset = build_dataset(data_cfg, epoch=epoch, rank=rank, world_size=world, plan=plan)
-        batches = dataset.iter_torch_batches(
-            batch_size=per_worker, drop_last=True, collate_fn=torch_collate(),
-            # rows of one cache row group arrive together: mix a few batches, reproducibly
-            local_shuffle_buffer_size=4 * per_worker, local_shuffle_seed=cfg.seed * 7919 + epoch,
-        )  # fmt: skip
-        for batch in batches:
+        consumed = skip  # batches of this epoch already trained on (a resumed run)
+        for images, vectors, keys, n_invalid in epoch_batches(cfg, plan, epoch, rank, world, skip):
             consumed += 1
-            if consumed <= skip:  # resuming inside an epoch: replay the consumed batches
-                continue
-            batch, n_invalid = drop_invalid(batch)  # undecodable images: counted, never fatal
-            invalid_total += n_invalid
-            images = batch["image"].to(device)
-            vectors = batch["text"].to(device)
+            invalid_total += n_invalid  # undecodable images: counted, never fatal
+            images = images.to(device)  # pixels, or cached features (heads only)
+            vectors = vectors.to(device)
 
             # 1. learning rate: warm-up then cosine
             lr = lr_at(step, cfg.steps, warmup, cfg.optim.lr, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if prompt_step is not None:  # 2-3. prompts: cached targets, or the LLM in the loop
-                losses = prompt_step(model, images, vectors, batch["key"], amp)
+                losses = prompt_step(model, images, vectors, keys, amp)
             else:
                 # 2. which facets pair with each image this step: a function of (seed, step, rank)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
@@ -379,7 +415,7 @@ def worker_loop(loop_cfg: dict) -> None:
                     "logit_bias": float(raw.logit_bias) if raw.logit_bias is not None else None,
                     "images_per_s": images_since / max(now - t_last, 1e-9),
                     "invalid_images": invalid_total * world,
-                    **{f"skipped_{k}": v for k, v in loop_cfg["join"].items() if k not in ("image_keys", "cache_keys", "joined")},
+                    **{f"skipped_{k}": v for k, v in loop_cfg["join"].items() if k not in ("image_keys", "cache_keys", "text_keys", "joined")},
                 }  # fmt: skip
                 t_last, images_since = now, 0
                 log.write(metrics)
@@ -398,6 +434,42 @@ def worker_loop(loop_cfg: dict) -> None:
         if step < cfg.steps:
             epoch, skip = epoch + 1, 0
     log.close()
+
+
+def epoch_batches(cfg: TrainConfig, plan, epoch: int, rank: int, world: int, skip: int):
+    """This rank's batches of one epoch after its first ``skip``: (images, text vectors
+    [B, K, D], keys (None for a heads-only run), images dropped as undecodable). Images are pixels [B, 3, S, S] from the Ray Data
+    pipeline, or for a heads-only run cached features ([B, P] pooled, [B, G², C] tokens) read
+    here by train.cache_pairs. Either way every rank gets an equal, disjoint slice of the epoch,
+    so all take the same steps."""
+    import torch
+
+    per_worker = cfg.batch_size // world
+    if cfg.image_cache:
+        from train.cache_pairs import iter_pair_batches
+
+        for text, image in iter_pair_batches(plan, per_worker, cfg.seed, epoch, rank, world,
+                                             start_batch=skip):  # fmt: skip
+            image = torch.from_numpy(image)
+            yield (image if cfg.model.image_head == "token-mlp" else image[:, 0],
+                   torch.from_numpy(text), None, 0)  # fmt: skip
+        return
+
+    from train.data import build_dataset, torch_collate
+    from train.transforms import drop_invalid
+
+    dataset = build_dataset(_data_config(cfg, train=True), epoch=epoch, rank=rank,
+                            world_size=world, plan=plan)  # fmt: skip
+    batches = dataset.iter_torch_batches(
+        batch_size=per_worker, drop_last=True, collate_fn=torch_collate(),
+        # rows of one cache row group arrive together: mix a few batches, reproducibly
+        local_shuffle_buffer_size=4 * per_worker, local_shuffle_seed=cfg.seed * 7919 + epoch,
+    )  # fmt: skip
+    for consumed, batch in enumerate(batches, start=1):
+        if consumed <= skip:  # resuming inside an epoch: replay the consumed batches
+            continue
+        batch, n_invalid = drop_invalid(batch)
+        yield batch["image"], batch["text"], batch.get("key"), n_invalid
 
 
 def _maybe_fault(cfg: TrainConfig, run: Path, step: int, rank: int, world: int) -> None:

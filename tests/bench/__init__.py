@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "embed": "tests.bench.embed_bench",  # stage one: facet packing vs K separate sequences
     "reader": "tests.bench.reader_bench",  # the cache read into float32 batches vs .npy files
     "train": "tests.bench.train_bench",  # a step with cached vectors vs the LM online; decode rate
+    "heads": "tests.bench.heads_bench",  # heads only from two caches vs the demo's end-to-end step
     "verify": "tests.bench.verify_bench",  # verify on a big cache vs sha256 + a plain read
     "memory": "tests.bench.memory_bench",  # peak memory of train's process tree, 1 and 2 at once
     "vllm": "tests.bench.vllm_bench",  # stage one on CPU: hf engine vs vLLM, cold and warm cache
