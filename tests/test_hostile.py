@@ -552,7 +552,7 @@ CASES = [
     Case("T11", "--resume a folder that is not a run", lambda w, d: ["train", "--resume", d],
          Refused(r"is not a run directory")),
     Case("T12", "missing --images and --cache", lambda w, d: ["train", "--out", d / "run"],
-         Refused(r"missing --images, --cache")),
+         Refused(r"missing --images \(or --image-cache\), --cache")),
     Case("T13", "an images table whose key column holds floats", lambda w, d: _train(w, d,
          images=parquet(d, pa.table({"key": [1.5, 2.5], "image": ["a.jpg", "b.jpg"]}), "t.parquet")),
          Refused(r"key column 'key' is of type double")),
