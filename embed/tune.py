@@ -111,6 +111,7 @@ class TuneConfig:
     batch_size = 512          # global (LLM2CLIP: 64 x 8 GPUs), split evenly over workers
     scale = 50.0              # cosine x 50 = temperature 0.02
     eval_pairs = 500          # held out for caption-retrieval accuracy; 0: none
+    token_budget = 16384      # padded tokens per forward pass (captions grouped by length)
     seed = 0
 
     [lora]                    # r, alpha, dropout, target_modules (LLM2CLIP's)
@@ -131,6 +132,7 @@ class TuneConfig:
     batch_size: int = 512
     scale: float = 50.0
     eval_pairs: int = 500
+    token_budget: int = 16384  # padded tokens per forward pass (captions grouped by length)
     seed: int = 0
     lora: LoraOptions = field(default_factory=LoraOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
@@ -195,6 +197,7 @@ class TuneConfig:
             f"batch_size {self.batch_size} must divide evenly over {self.run.workers} workers",
         )
         need(self.scale > 0, "scale must be > 0 (LLM2CLIP: 50)")
+        need(self.token_budget >= 64, "token_budget must be >= 64")
         need(self.eval_pairs == 0 or self.eval_pairs >= 2, "eval_pairs must be 0 or >= 2")
         need(self.lora.r >= 1, f"lora.r must be >= 1 (LLM2CLIP: 16), got {self.lora.r}")
         need(self.lora.alpha > 0, f"lora.alpha must be > 0 (LLM2CLIP: 32), got {self.lora.alpha}")
@@ -339,6 +342,26 @@ def average_gradients(params) -> None:
         p.grad = g.view_as(p)
 
 
+def length_groups(lengths, token_budget: int, max_ratio: float = 1.5) -> list[list[int]]:
+    """Indices grouped for forward passes: sorted by length, a new group whenever the padded
+    size (count x longest) would pass ``token_budget`` or the longest would be more than
+    ``max_ratio`` x the group's shortest. A batch of short and long captions then runs as
+    (about) two passes, and padding costs at most (max_ratio - 1) of the real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if (
+            g
+            and lengths[i] * (len(g) + 1) <= token_budget
+            and lengths[i] <= max_ratio * lengths[g[0]]
+        ):
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0."""
     if step < warmup:
@@ -406,19 +429,27 @@ class CaptionEncoder:
         w = caption_mean_weights(items, hidden.shape[1]).to(device)
         return torch.einsum("bl,bld->bd", w, hidden)
 
+    def encode(self, items, pad_id: int, device, token_budget: int):
+        """[N, D] vectors of ``items`` in their order, from forward passes over items of
+        similar length (at most ``token_budget`` padded tokens each): a short caption is not
+        padded to its long partner's length. Differentiable; a caption's vector never depends
+        on its batch-mates, so the grouping changes no value."""
+        import torch
+
+        groups = length_groups([len(it.context) for it in items], token_budget)
+        parts = [self([items[i] for i in g], pad_id, device) for g in groups]
+        order = torch.tensor([i for g in groups for i in g], device=device)
+        return torch.cat(parts)[torch.argsort(order)]
+
     def embed_texts(self, ptok, texts: list[str], device, token_budget: int = 16384) -> np.ndarray:
         """[N, D] float32 vectors of ``texts`` in eval mode (no dropout, no gradient)."""
         import torch
 
-        from embed.packing import token_budget_batches
-
         items = [e.items[0] for e in ptok.encode([[t] for t in texts])]
-        out = np.zeros((len(items), self.decoder.config.hidden_size), np.float32)
         was_training = self.lm.training
         self.lm.eval()
         with torch.no_grad():
-            for batch in token_budget_batches([len(it.context) for it in items], token_budget):
-                out[batch] = self([items[i] for i in batch], ptok.pad_id, device).cpu().numpy()
+            out = self.encode(items, ptok.pad_id, device, token_budget).cpu().numpy()
         self.lm.train(was_training)
         return out
 
@@ -852,6 +883,7 @@ def worker_loop(loop_cfg: dict) -> None:
     warmup = min(cfg.optim.warmup_steps, steps // 2)
     step = state["step"]
     t_last, pairs_since, truncated = time.perf_counter(), 0, 0
+    cpu0 = time.process_time()  # CPU seconds: a fairer clock than wall time on a shared machine
     while step < steps:
         # 1. this worker's slice of the global batch, each pair's direction drawn per epoch
         idx, swap = step_batch(len(train_a), cfg.batch_size, cfg.seed, step)
@@ -873,7 +905,7 @@ def worker_loop(loop_cfg: dict) -> None:
         # 3. forward: queries and positives in one pass; dropout masks a function of (seed, step)
         torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            vectors = encoder(items, ptok.pad_id, device)
+            vectors = encoder.encode(items, ptok.pad_id, device, cfg.token_budget)
         # 4. loss over the global batch: every worker's queries and positives, with gradient
         q = gather_features(vectors[:per_worker])
         p = gather_features(vectors[per_worker:])
@@ -906,6 +938,7 @@ def worker_loop(loop_cfg: dict) -> None:
                 **{k: float(v) for k, v in losses.items()},
                 "pairs_per_s": pairs_since / max(now - t_last, 1e-9),
                 "truncated": truncated * world,
+                "worker_cpu_s": time.process_time() - cpu0,
             }  # fmt: skip
             t_last, pairs_since = now, 0
             log.write(metrics)
@@ -941,3 +974,15 @@ def _maybe_fault(cfg: TuneConfig, run: Path, step: int, rank: int, world: int) -
         return
     marker.write_text(str(step))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def cpu_miniature(captions: str, model: str, out: str, seed: int = 0) -> TuneConfig:
+    """The settings for the demo's tiny LM on CPU (``facetclip demo`` and tests/bench's
+    ``tune`` use them): LLM2CLIP's recipe (LoRA r 16 / alpha 32 / dropout 0.05 on all
+    projections, cosine x 50, causal attention, mean pooling) with a batch, a step count and
+    a learning rate sized for a 1M-parameter model and a few CPU minutes."""
+    cfg = TuneConfig(captions=str(captions), model=str(model), out=str(out), seed=seed,
+                     steps=150, batch_size=64, eval_pairs=500)  # fmt: skip
+    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 15
+    cfg.run.log_every, cfg.run.checkpoint_every = 10, 50
+    return cfg

@@ -25,6 +25,7 @@ from embed.tune import (
     TuneError,
     average_gradients,
     caption_contrastive_loss,
+    length_groups,
     retrieval_accuracy,
     step_batch,
     tune,
@@ -141,6 +142,41 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     epoch0 = np.concatenate([step_batch(100, 8, 1, s)[0] for s in range(12)])
     assert len(set(epoch0.tolist())) == 96  # one epoch: 12 full batches, no pair twice
     assert not (step_batch(100, 8, 1, 12)[0] == step_batch(100, 8, 1, 0)[0]).all()  # reshuffled
+
+
+def test_length_groups_cover_every_caption_once_within_budget_and_ratio():
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(10, 20, 40)) + list(rng.integers(150, 200, 40))
+    groups = length_groups(lengths, token_budget=2000, max_ratio=1.5)
+    assert sorted(i for g in groups for i in g) == list(range(80))
+    for g in groups:
+        longest, shortest = max(lengths[i] for i in g), min(lengths[i] for i in g)
+        assert longest * len(g) <= 2000 or len(g) == 1
+        assert longest <= 1.5 * shortest
+    assert not any({lengths[i] < 100 for i in g} == {True, False} for g in groups)  # short apart
+
+
+def test_bidirectional_attention_sees_later_tokens_and_never_padding(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from embed.tune import CaptionEncoder
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    texts = ["A red star.", "A red star on a blue ground, small and bright."]
+    ptok, items = _llm2clip_items(tiny_model, texts)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        causal = CaptionEncoder(lm, bidirectional=False)(items, ptok.pad_id, cpu)
+        both = CaptionEncoder(lm, bidirectional=True)(items, ptok.pad_id, cpu)
+        alone = CaptionEncoder(lm, bidirectional=True)(items[:1], ptok.pad_id, cpu)
+        # reference: the plain decoder with an all-visible mask over the caption alone
+        ids = torch.tensor([items[0].context])
+        mask = torch.ones(1, 1, len(items[0].context), len(items[0].context), dtype=torch.bool)
+        hidden = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+    s, e = items[0].caption_span
+    torch.testing.assert_close(both[0], hidden[s:e].mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)  # padding never seen
+    assert (both - causal).abs().max() > 1e-3
 
 
 # --- what is tuned is what stage one embeds ------------------------------------------------------

@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "embed": "tests.bench.embed_bench",  # stage one: facet packing vs K separate sequences
     "reader": "tests.bench.reader_bench",  # the cache read into float32 batches vs .npy files
     "train": "tests.bench.train_bench",  # a step with cached vectors vs the LM online; decode rate
+    "tune": "tests.bench.tune_bench",  # CC tuning's caption-retrieval accuracy, base vs tuned
 }
 
 
