@@ -1,7 +1,12 @@
-"""`facetclip`: the command line. Parses arguments and calls the stage packages; nothing else.
+"""`facetclip`: the command line. Parses arguments and calls the stage packages through their
+public faces (``from embed import run_embed``); nothing else.
 
-Errors a user can cause (``FacetclipError``) are printed as one clear line and exit 2;
-anything else is a bug and shows its traceback.
+One rule for output: a package renders its own results (``render_*`` beside the result type,
+returning a rich renderable or markup), ``--json`` prints the result's ``to_dict()``, and this
+file only prints. Errors a user can cause (``FacetclipError``) are printed as one clear line
+and exit 2; anything else is a bug and shows its traceback.
+
+Importing this module imports neither torch nor Ray: each command imports what it runs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from store.errors import FacetclipError
 
@@ -54,6 +58,30 @@ def _quiet_libraries() -> None:
         pass
 
 
+# --- options several commands share (one definition each) -------------------------------------
+
+CaptionsArg = Annotated[
+    Path, typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output.")
+]
+RecipeOpt = Annotated[
+    str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
+]
+LayerOpt = Annotated[
+    int | None, typer.Option(help="hidden_states[LAYER] (1..num_layers, -1 = last)")
+]
+InputFormatOpt = Annotated[
+    str, typer.Option(help="auto | parquet | jsonl | csv | tsv | webdataset")
+]
+KeyColumnOpt = Annotated[str, typer.Option(help="Input column holding the sample key.")]
+ColumnOpt = Annotated[
+    list[str], typer.Option(help="RECIPE_COLUMN=INPUT_COLUMN, e.g. long_caption=text; repeatable")
+]
+CacheArg = Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a non-empty OUT.")]
+
+
 @app.command()
 @user_errors
 def synth(
@@ -67,19 +95,18 @@ def synth(
     seed: Annotated[int, typer.Option(min=0, help="Random seed; same seed, same bytes.")] = 0,
     format: Annotated[str, typer.Option("--format", help="webdataset | parquet")] = "webdataset",
     image_size: Annotated[int, typer.Option(min=16, max=1024, help="Image side in pixels.")] = 64,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Synthetic long-caption image dataset (img2dataset layout) with held-out eval splits.
 
     Example: facetclip synth data/synth --n 2000
     """
-    from eval.synth import SynthConfig, write_synth
+    from eval import SynthConfig, render_synth, write_synth
 
     s = write_synth(
         out, SynthConfig(n=n, seed=seed, format=format, image_size=image_size, overwrite=overwrite)
     )
-    console.print(f"wrote synthetic dataset to [bold]{out}[/]")
-    console.print(s)
+    console.print(render_synth(s))
 
 
 @app.command("tiny-llm")
@@ -92,26 +119,19 @@ def tiny_llm(
     hidden_size: Annotated[int, typer.Option(min=16, max=4096)] = 128,
     layers: Annotated[int, typer.Option(min=1, max=64)] = 4,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """A small Llama-architecture causal LM + tokenizer, briefly pre-trained on synthetic captions.
 
     Example: facetclip tiny-llm models/tiny --steps 0
     """
     _quiet_libraries()
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval import TinyLLMConfig, build_tiny_llm, render_tiny_llm
 
     kwargs = dict(hidden_size=hidden_size, num_layers=layers, seed=seed, overwrite=overwrite)
     if steps is not None:
         kwargs["steps"] = steps
-    report = build_tiny_llm(out, TinyLLMConfig(**kwargs))
-    console.print(
-        f"wrote model to [bold]{report.out}[/] ({report.n_params:,} parameters, {report.seconds:.0f} s)"
-    )
-    if report.initial_loss is not None:
-        console.print(
-            f"pre-training loss: {report.initial_loss:.3f} -> {report.final_loss:.3f} over {report.steps} steps"
-        )
+    console.print(render_tiny_llm(build_tiny_llm(out, TinyLLMConfig(**kwargs))))
 
 
 def _parse_columns(values: list[str]) -> dict[str, str]:
@@ -127,17 +147,13 @@ def _parse_columns(values: list[str]) -> dict[str, str]:
 @app.command()
 @user_errors
 def embed(
-    captions: Annotated[
-        Path, typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output.")
-    ],
+    captions: CaptionsArg,
     model: Annotated[str, typer.Option(help="Model directory or hub id of a causal LM.")],
     out: Annotated[
         str,
         typer.Option(help="Cache directory (created, or resumed), or a URI: s3://bucket/path."),
     ],
-    recipe: Annotated[
-        str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
-    ] = "flame",
+    recipe: RecipeOpt = "flame",
     engine: Annotated[
         str, typer.Option(help="auto | hf | vllm (auto: vllm when importable with a GPU)")
     ] = "auto",
@@ -147,9 +163,7 @@ def embed(
     compute_dtype: Annotated[
         str, typer.Option(help="auto | float32 | bfloat16 | float16")
     ] = "auto",
-    layer: Annotated[
-        int | None, typer.Option(help="hidden_states[LAYER] (1..num_layers, -1 = last)")
-    ] = None,
+    layer: LayerOpt = None,
     shard_rows: Annotated[
         int | None,
         typer.Option(min=1, max=10_000_000, help="Rows per shard (default: ~256 MB shards)"),
@@ -157,14 +171,9 @@ def embed(
     limit: Annotated[
         int | None, typer.Option(min=1, help="Embed only the first N input rows (a trial run).")
     ] = None,
-    input_format: Annotated[
-        str, typer.Option(help="auto | parquet | jsonl | csv | tsv | webdataset")
-    ] = "auto",
-    key_column: Annotated[str, typer.Option(help="Input column holding the sample key.")] = "key",
-    column: Annotated[
-        list[str],
-        typer.Option(help="RECIPE_COLUMN=INPUT_COLUMN, e.g. long_caption=text; repeatable"),
-    ] = [],  # noqa: B006
+    input_format: InputFormatOpt = "auto",
+    key_column: KeyColumnOpt = "key",
+    column: ColumnOpt = [],  # noqa: B006
     on_duplicate: Annotated[str, typer.Option(help="error | keep-first")] = "error",
     store_text: Annotated[bool, typer.Option(help="Keep caption texts in the cache.")] = True,
     token_budget: Annotated[
@@ -178,14 +187,14 @@ def embed(
         str | None,
         typer.Option(help="Run the engine actors on this Ray cluster (default: a local Ray)."),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Embed captions with a frozen LLM into a Parquet cache of facet vectors (resumable).
 
     Example: facetclip embed data/synth/captions.parquet --model models/tiny --recipe flame --out cache/flame
     """
     _quiet_libraries()
-    from embed.pipeline import EmbedConfig, run_embed
+    from embed import EmbedConfig, render_embed, run_embed
 
     cfg = EmbedConfig(
         captions=captions,
@@ -208,35 +217,17 @@ def embed(
         engines=engines,
         ray_address=ray_address,
     )
-    s = run_embed(cfg, progress=progress)
-    t = Table(title=f"embed -> {s.out}", show_header=False)
-    t.add_row("rows embedded", f"{s.rows:,}")
-    t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
-    t.add_row("shards written", str(s.shards_written))
-    t.add_row("skipped", ", ".join(f"{r}: {c}" for r, c in s.skipped.items()) or "0")
-    t.add_row("truncated", f"{s.truncated:,}")
-    t.add_row("tokens computed", f"{s.tokens:,}")
-    if s.engine_failures:
-        t.add_row("engine actors replaced", f"{s.engine_failures} (their shards recomputed)")
-    t.add_row(
-        "wall time",
-        f"{s.seconds:.1f} s ({s.captions_per_s:,.1f} captions/s, {s.tokens_per_s:,.0f} tokens/s)",
-    )
-    console.print(t)
+    console.print(render_embed(run_embed(cfg, progress=progress)))
 
 
 @app.command()
 @user_errors
 def plan(
-    captions: Annotated[
-        Path, typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output.")
-    ],
+    captions: CaptionsArg,
     model: Annotated[
         str, typer.Option(help="Model directory or hub id (config.json + tokenizer suffice).")
     ],
-    recipe: Annotated[
-        str, typer.Option(help="flame | flame-long | prompteol | llm2clip | path/to/recipe.toml")
-    ] = "flame",
+    recipe: RecipeOpt = "flame",
     gpu: Annotated[str, typer.Option(help="h100 | h200 | a100 (peak dense bf16 FLOP/s)")] = "h100",
     gpus: Annotated[int, typer.Option(help="GPUs sharing the work (divides wall time).")] = 1,
     mfu: Annotated[
@@ -249,19 +240,12 @@ def plan(
             help="Total input rows (needed when the input is not Parquet and is longer than --sample)."
         ),
     ] = None,
-    layer: Annotated[
-        int | None, typer.Option(help="hidden_states[LAYER] (1..num_layers, -1 = last)")
-    ] = None,
-    input_format: Annotated[
-        str, typer.Option(help="auto | parquet | jsonl | csv | tsv | webdataset")
-    ] = "auto",
-    key_column: Annotated[str, typer.Option(help="Input column holding the sample key.")] = "key",
-    column: Annotated[
-        list[str],
-        typer.Option(help="RECIPE_COLUMN=INPUT_COLUMN, e.g. long_caption=text; repeatable"),
-    ] = [],  # noqa: B006
+    layer: LayerOpt = None,
+    input_format: InputFormatOpt = "auto",
+    key_column: KeyColumnOpt = "key",
+    column: ColumnOpt = [],  # noqa: B006
     store_text: Annotated[bool, typer.Option(help="Count caption texts in the cache size.")] = True,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Estimate stage one before running it: tokens (counted with the real tokenizer on a
     sample), FLOPs, GPU-hours at an assumed MFU, and the cache size per dtype.
@@ -269,7 +253,7 @@ def plan(
     Example: facetclip plan data/synth/captions.parquet --model models/tiny --recipe flame --gpu h100 --gpus 8
     """
     _quiet_libraries()
-    from embed.plan import PlanConfig, human, make_plan
+    from embed import PlanConfig, make_plan, render_plan
 
     cfg = PlanConfig(captions=captions, model=model, recipe=recipe, gpu=gpu, gpus=gpus, mfu=mfu,
                      sample=sample, rows=rows, layer=layer, input_format=input_format,
@@ -278,38 +262,8 @@ def plan(
     p = make_plan(cfg)
     if json_:
         _print_json(p.to_dict())
-        return
-    s, t = p.sample, p.total
-    t_ = Table(title=f"plan: {p.recipe} on {p.captions}", show_header=False)
-    t_.add_row("input rows", f"{p.rows:,} ({p.rows_from}); sampled {s.rows:,}")
-    t_.add_row("rows to embed", f"{t.embedded:,} ({t.truncated:,} truncated)")
-    t_.add_row(
-        "model",
-        f"{human(p.params_total)} parameters; {p.layers_run} layers run, "
-        f"{human(p.params_per_token)} matmul weights per token ({p.params_from})",
-    )
-    t_.add_row("vectors per row", f"{p.vectors_per_row} x {p.dim}")
-    per_row = s.packed / max(1, s.embedded)
-    naive_row = s.naive / max(1, s.embedded)
-    t_.add_row("tokens, packed (computed)", f"{human(t.packed)} ({per_row:,.1f} per row)")
-    t_.add_row(
-        "tokens, naive K passes",
-        f"{human(t.naive)} ({naive_row:,.1f} per row, {t.naive / max(1, t.packed):.2f}x)",
-    )
-    t_.add_row("FLOPs, packed", f"{p.flops:.3e}")
-    t_.add_row("FLOPs, naive K passes", f"{p.flops_naive:.3e}")
-    t_.add_row(
-        f"GPU-hours ({p.gpu}, {human(p.peak_flops, 'FLOP/s')} x MFU {p.mfu:g})",
-        f"{_hours(p.gpu_hours)} (naive {_hours(p.gpu_hours_naive)})",
-    )
-    t_.add_row(f"wall time on {p.gpus} GPU(s)", f"{_hours(p.wall_hours)} h")
-    for dtype, n in p.cache_bytes.items():
-        t_.add_row(f"cache, {dtype}", f"{human(n, 'B')} ({n / max(1, t.embedded):,.0f} B per row)")
-    console.print(t_)
-
-
-def _hours(h: float) -> str:
-    return f"{h:,.1f}" if h >= 10 else f"{h:.3g}"
+    else:
+        console.print(render_plan(p))
 
 
 def _print_json(obj) -> None:
@@ -321,8 +275,8 @@ def _print_json(obj) -> None:
 @app.command()
 @user_errors
 def inspect(
-    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    cache: CacheArg,
+    json_: JsonOpt = False,
     norm_sample_rows: Annotated[
         int | None, typer.Option(min=1, help="Cap the rows used for vector statistics.")
     ] = None,
@@ -331,7 +285,7 @@ def inspect(
 
     Example: facetclip inspect cache/flame
     """
-    from store.inspect import inspect_cache, render_summary
+    from store import inspect_cache, render_summary
 
     summary = inspect_cache(cache, norm_sample_rows=norm_sample_rows)
     if json_:
@@ -343,7 +297,7 @@ def inspect(
 @app.command()
 @user_errors
 def sql(
-    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    cache: CacheArg,
     query: Annotated[
         str | None, typer.Argument(help="One SELECT over the views `embeddings` and `skipped`.")
     ] = None,
@@ -363,7 +317,7 @@ def sql(
 
     Example: facetclip sql cache/flame "SELECT key, main_object FROM embeddings LIMIT 3"
     """
-    from store.sql import example_queries, format_examples, run_query, write_result
+    from store import example_queries, format_examples, run_query, write_result
 
     if examples or query is None:
         console.print(format_examples(example_queries(cache)), highlight=False)
@@ -376,14 +330,14 @@ def sql(
 @app.command()
 @user_errors
 def verify(
-    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    cache: CacheArg,
     repair: Annotated[
         bool,
         typer.Option(
             help="Drop bad shards from the manifest and delete stray files, so a rerun of embed recomputes them."
         ),
     ] = False,
-    json_: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Check a cache: checksums, row counts, schema and recipe, NaN/Inf, duplicate keys, stray files.
 
@@ -391,7 +345,7 @@ def verify(
 
     Example: facetclip verify cache/flame
     """
-    from store.verify import render_report, verify_cache
+    from store import render_report, verify_cache
 
     report = verify_cache(cache, repair=repair)
     if json_:
@@ -404,7 +358,7 @@ def verify(
 @app.command()
 @user_errors
 def neighbors(
-    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    cache: CacheArg,
     key: Annotated[str, typer.Argument(help="The key of the query caption.")],
     facet: Annotated[
         str | None, typer.Option(help="Vector to compare (default: the first).")
@@ -417,20 +371,15 @@ def neighbors(
 
     Example: facetclip neighbors cache/flame 000000042 --facet main_object -k 5
     """
-    from store.neighbors import neighbors as find
+    from store import find_neighbors, render_neighbors
 
-    t = Table(title=f"neighbours of {key}" + (f" on {facet}" if facet else ""))
-    for col in ("rank", "key", "cosine", "text"):
-        t.add_column(col, overflow="fold" if col == "text" else "ellipsis")
-    for nb in find(cache, key, facet=facet, k=k):
-        t.add_row(str(nb.rank), nb.key, f"{nb.score:.4f}", (nb.text or "")[:200])
-    console.print(t)
+    console.print(render_neighbors(find_neighbors(cache, key, facet=facet, k=k), key, facet))
 
 
 @app.command()
 @user_errors
 def export(
-    cache: Annotated[Path, typer.Argument(help="A cache made by `facetclip embed`.")],
+    cache: CacheArg,
     out: Annotated[Path, typer.Argument(help="Output folder.")],
     format: Annotated[
         str, typer.Option("--format", help="npy (clip-retrieval / embedding-reader layout)")
@@ -442,14 +391,11 @@ def export(
 
     Example: facetclip export cache/flame exported --format npy --facet main_object
     """
-    from store.export import EXPORT_FORMATS, export_npy
+    from store import EXPORT_FORMATS, export_npy, render_export
 
     if format not in EXPORT_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(EXPORT_FORMATS)}")
-    s = export_npy(cache, out, facets=facet or None, overwrite=overwrite)
-    console.print(
-        f"exported {s.rows:,} rows into {s.files} .npy files ({s.bytes / 1e6:.1f} MB) under [bold]{s.out}[/]"
-    )
+    console.print(render_export(export_npy(cache, out, facets=facet or None, overwrite=overwrite)))
 
 
 @app.command("train")
@@ -491,55 +437,35 @@ def train_cmd(
         typer.Option("--set", help="Override any field: --set optim.warmup_steps=200; repeatable."),
     ] = [],  # noqa: B006
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty --out.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """Train a vision tower + heads against a cache, on Ray (the LLM is never loaded).
 
     Example: facetclip train --images data/synth/images --cache cache/flame --out runs/r1 --steps 300
     """
-    from train.config import TrainConfig
-    from train.loop import train as run_training
+    from train import TrainConfig, render_train
+    from train import train as run_training
 
     if resume is not None:
         cfg = TrainConfig(out=str(resume))
     else:
         cfg = TrainConfig.from_toml(config) if config else TrainConfig()
-        overrides = {
-            "images": images,
-            "cache": cache,
-            "out": out,
-            "steps": steps,
-            "batch_size": batch_size,
-            "loss": loss,
-        }
-        for k, v in overrides.items():
-            if v is not None:
-                setattr(cfg, k, str(v) if isinstance(v, Path) else v)
-        if tower is not None:
-            cfg.model.tower = tower
-        if lr is not None:
-            cfg.optim.lr = lr
-        if workers is not None:
-            cfg.run.workers = workers
-        if gpus_per_worker is not None:
-            cfg.run.gpus_per_worker = gpus_per_worker
-        if ray_address is not None:
-            cfg.run.ray_address = ray_address
-        cfg = cfg.override(set_)
+        # Each flag is a dotted field of TrainConfig, set the way --set sets one.
+        flags = {
+            "images": images, "cache": cache, "out": out, "steps": steps,
+            "batch_size": batch_size, "loss": loss, "model.tower": tower, "optim.lr": lr,
+            "run.workers": workers, "run.gpus_per_worker": gpus_per_worker,
+            "run.ray_address": ray_address,
+        }  # fmt: skip
+        given = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
+        cfg = cfg.assign(given, source="option").override(set_)
         missing = [n for n in ("images", "cache", "out") if not getattr(cfg, n)]
         if missing:
             raise typer.BadParameter(
                 f"missing {', '.join('--' + m for m in missing)} (or set them in --config)"
             )
     r = run_training(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
-    t = Table(title=f"train -> {r.run}", show_header=False)
-    t.add_row("steps", str(r.steps))
-    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
-    t.add_row("images/s (last interval)", f"{r.images_per_s:,.0f}")
-    t.add_row("wall time", f"{r.seconds:.0f} s")
-    t.add_row("checkpoint", str(r.checkpoint))
-    t.add_row("exported model", str(r.model_dir))
-    console.print(t)
+    console.print(render_train(r))
 
 
 @app.command()
@@ -669,24 +595,12 @@ def sweep(
     Example: facetclip sweep --cache cache/flame --images data/synth/images --config sweep.toml --out sweeps/s1
     """
     _quiet_libraries()
-    from train.sweep import SweepConfig
-    from train.sweep import sweep as run_sweep
+    from eval import SweepConfig, render_sweep, run_sweep
 
     cfg = SweepConfig.from_toml(config)
     r = run_sweep(cfg, out, images=images or "", cache=cache or "", overwrite=overwrite,
                   progress=progress)  # fmt: skip
-    t = Table(title=f"sweep -> {r.out}: {cfg.metric} ({cfg.direction})")
-    for col in ("rank", "trial", cfg.metric):
-        t.add_column(col)
-    for row in r.ranked:
-        value = f"{row['value']:.4f}" if row["rank"] else f"failed: {row.get('error', '')}"
-        t.add_row(str(row["rank"] or "-"), row["name"], value)
-    console.print(t)
-    finished = len(r.ranked) - len(r.ran)
-    console.print(
-        f"{len(r.ran)} trial(s) run ({r.concurrency} at a time), {finished} finished before; "
-        f"{r.seconds:.0f} s. Leaderboard: {', '.join(str(f) for f in r.files)}"
-    )
+    console.print(render_sweep(r, cfg))
 
 
 @app.command("eval")
@@ -719,14 +633,14 @@ def eval_cmd(
     engine: Annotated[
         str, typer.Option(help="Engine for the text side: auto | hf | vllm")
     ] = "auto",
-    json_: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Zero-shot classification or image<->text retrieval of a trained tower; writes RUN/eval/.
 
     Example: facetclip eval runs/r1 --task retrieval --data data/synth/eval/retrieval
     """
     _quiet_libraries()
-    from eval.evaluate import EvalConfig, evaluate, markdown
+    from eval import EvalConfig, evaluate, markdown
 
     cfg = EvalConfig(run=run, task=task, data=data, layout=layout, name=name, query=query,
                      caption_column=caption_column, image_column=image_column, split=split,
@@ -759,7 +673,7 @@ def demo(
         bool, typer.Option(help="Also train on recipes prompteol and llm2clip and compare.")
     ] = True,
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """The whole pipeline on synthetic data, on this machine: synth -> tiny-llm -> embed ->
     inspect -> train -> eval, and a comparison of recipes; writes OUT/REPORT.md.
@@ -767,7 +681,7 @@ def demo(
     Example: facetclip demo --out demo-out --overwrite
     """
     _quiet_libraries()
-    from eval.demo import DemoConfig, run_demo
+    from eval import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, n=n, seed=seed, llm_steps=llm_steps, workers=workers,
                      compare=compare, overwrite=overwrite)  # fmt: skip

@@ -1,9 +1,20 @@
-"""Stage one: prompts and recipes, token ids, engines (hf, vllm), the embed pipeline."""
+"""Stage one: prompts and recipes, token ids, engines (hf, vllm), the embed pipeline, the
+planner. Names load lazily: ``import embed`` imports neither torch nor vLLM."""
 
-from embed.engine import Engine, EngineConfig, make_engine
-from embed.pipeline import EmbedConfig, EmbedError, EmbedSummary, run_embed
-from embed.plan import Plan, PlanConfig, make_plan
-from embed.prompts import BUILTIN_RECIPES, PromptGroup, Recipe, get_recipe
+from store.faces import lazy_face
 
-__all__ = ["Engine", "EngineConfig", "make_engine", "EmbedConfig", "EmbedError", "EmbedSummary",
-           "run_embed", "Plan", "PlanConfig", "make_plan", "BUILTIN_RECIPES", "PromptGroup", "Recipe", "get_recipe"]  # fmt: skip
+__getattr__, __dir__, __all__ = lazy_face(
+    __name__,
+    {
+        "embed.engine": ["Engine", "EngineConfig", "make_engine"],
+        "embed.pipeline": [
+            "EmbedConfig",
+            "EmbedError",
+            "EmbedSummary",
+            "run_embed",
+            "render_embed",
+        ],
+        "embed.plan": ["Plan", "PlanConfig", "make_plan", "render_plan"],
+        "embed.prompts": ["BUILTIN_RECIPES", "PromptGroup", "Recipe", "get_recipe"],
+    },
+)

@@ -30,46 +30,26 @@ from dataclasses import replace
 from pathlib import Path
 
 from embed.engine import make_engine
-from embed.inputs import CaptionBatch
 from embed.pipeline import (
     EmbedConfig,
     EmbedError,
     EmbedPlan,
+    EmbedProgress,
     EmbedSummary,
     ShardEmbedder,
     ShardStats,
-    _Progress,
     engine_config,
 )
 from embed.prompts import Recipe
 from embed.tokenize import PromptTokenizer
 from store.cache import Cache, Manifest, StagedShard
+from store.cluster import init_ray
 from store.errors import FacetclipError, InputError
+from store.tables import CaptionBatch
 
 # Fault injection for tests: engine actor 0 (never a replacement) SIGKILLs itself right after
 # staging its N-th shard, before handing it back, so that shard is lost in flight.
 KILL_ACTOR_ENV = "FACETCLIP_KILL_ACTOR_AFTER_SHARDS"
-
-
-def init_ray(address: str | None, cpus_needed: int, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at ``address``, or start a local Ray; True when this call started
-    (or joined) it, False when Ray was already initialised in this process.
-
-    A local Ray gets more logical CPUs than the work needs (at least 4; ``num_cpus`` when
-    given), whatever the core count: on a 2-core machine Ray Data's tasks and the driver's own
-    would otherwise queue behind the actors or training workers that hold every CPU.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=True,
-                 logging_level="WARNING")  # fmt: skip
-    else:
-        ray.init(num_cpus=num_cpus or max(4, cpus_needed + 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")  # fmt: skip
-    return True
 
 
 class EngineActor:
@@ -130,7 +110,7 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
     cfg = plan.cfg
     n = cfg.engines
     summary = EmbedSummary(out=plan.cache.root, engines=n)
-    bar = _Progress(plan.total, progress)
+    bar = EmbedProgress(plan.total, progress)
     todo = plan.todo(summary, bar)
     retry: deque[tuple[int, CaptionBatch]] = deque()  # shards of dead actors go first
 

@@ -24,7 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
-from embed.inputs import (
+from embed.prompts import Recipe, get_recipe
+from embed.tokenize import PromptTokenizer
+from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
+from store.errors import FacetclipError, InputError
+from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
+from store.progress import Bar
+from store.tables import (
     CaptionBatch,
     CaptionSource,
     available_columns,
@@ -33,11 +39,6 @@ from embed.inputs import (
     iter_keys,
     resolve_format,
 )
-from embed.prompts import Recipe, get_recipe
-from embed.tokenize import PromptTokenizer
-from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
-from store.errors import FacetclipError, InputError
-from store.format import TOKENS_PREFIX, encode_vectors, layout_metadata, shard_schema
 
 ON_DUPLICATE = ("error", "keep-first")
 
@@ -204,47 +205,24 @@ def _shards(
         yield CaptionBatch(start, keys, cols)
 
 
-class _Progress:
-    """A rich progress bar with captions/s, tokens/s and ETA (silent when disabled)."""
+class EmbedProgress:
+    """The embed bar: rows done of the input, with captions/s and tokens/s computed so far."""
 
     def __init__(self, total: int | None, enabled: bool):
-        self.enabled = enabled
+        self.bar = Bar("embed", total, enabled)
         self.t0 = time.perf_counter()
         self.rows = 0
         self.tokens = 0
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("[bold]embed"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-            )
-            self.task = self.bar.add_task("embed", total=total, speed="")
-            self.bar.start()
 
     def advance(self, rows: int, computed_rows: int = 0, tokens: int = 0) -> None:
         self.rows += computed_rows
         self.tokens += tokens
-        if self.enabled:
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            speed = f"{self.rows / dt:,.1f} captions/s  {self.tokens / dt:,.0f} tokens/s"
-            self.bar.update(self.task, advance=rows, speed=speed)
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        speed = f"{self.rows / dt:,.1f} captions/s  {self.tokens / dt:,.0f} tokens/s"
+        self.bar.update(advance=rows, info=speed)
 
     def close(self) -> None:
-        if self.enabled:
-            self.bar.stop()
+        self.bar.close()
 
 
 @dataclass
@@ -261,7 +239,7 @@ class EmbedPlan:
     total: int | None  # input rows to cover (None: unknown until read)
     model_path: Path  # the model's local folder (weights and tokenizer)
 
-    def todo(self, summary: EmbedSummary, bar: _Progress) -> Iterator[tuple[int, CaptionBatch]]:
+    def todo(self, summary: EmbedSummary, bar: EmbedProgress) -> Iterator[tuple[int, CaptionBatch]]:
         """(index, rows) of each shard still to embed; finished ones are counted and passed."""
         for shard in _shards(self.source, self.recipe.columns, self.shard_rows, self.cfg.limit):
             index = shard.start // self.shard_rows
@@ -360,7 +338,7 @@ def run_embed(
     recipe = plan.recipe
     tokenizer = PromptTokenizer(AutoTokenizer.from_pretrained(plan.model_path), recipe)
     summary = EmbedSummary(out=plan.cache.root)
-    bar = _Progress(plan.total, progress)
+    bar = EmbedProgress(plan.total, progress)
     embedder = None
     own_engine = engine is None
     try:
@@ -527,3 +505,23 @@ class ShardEmbedder:
         stats.rows = len(kept)
         stats.truncated = int(truncated.sum())
         return table, pa.table(skipped, schema=SKIPPED_SCHEMA), stats
+
+
+def render_embed(s: EmbedSummary):
+    """What `facetclip embed` prints: a rich table of the run."""
+    from rich.table import Table
+
+    t = Table(title=f"embed -> {s.out}", show_header=False)
+    t.add_row("rows embedded", f"{s.rows:,}")
+    t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
+    t.add_row("shards written", str(s.shards_written))
+    t.add_row("skipped", ", ".join(f"{r}: {c}" for r, c in s.skipped.items()) or "0")
+    t.add_row("truncated", f"{s.truncated:,}")
+    t.add_row("tokens computed", f"{s.tokens:,}")
+    if s.engine_failures:
+        t.add_row("engine actors replaced", f"{s.engine_failures} (their shards recomputed)")
+    t.add_row(
+        "wall time",
+        f"{s.seconds:.1f} s ({s.captions_per_s:,.1f} captions/s, {s.tokens_per_s:,.0f} tokens/s)",
+    )
+    return t

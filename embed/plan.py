@@ -38,12 +38,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from embed.engine import check_layer, inspect_model
-from embed.inputs import CaptionSource, available_columns, count_rows, iter_caption_batches
 from embed.packing import PromptIds
 from embed.pipeline import recipe_with_overrides, skip_reason
 from embed.prompts import DTYPES, Recipe
 from embed.tokenize import EncodedCaption, PromptTokenizer
 from store.errors import InputError
+from store.tables import CaptionSource, available_columns, count_rows, iter_caption_batches
 
 # Peak dense bf16 tensor-core FLOP/s (SXM parts; the 2x "with sparsity" figures do not apply).
 GPU_PEAK_BF16: dict[str, float] = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
@@ -462,3 +462,42 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g} {prefix}{unit}"
     return f"{n:.3g} {unit}".rstrip()
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.1f}" if h >= 10 else f"{h:.3g}"
+
+
+def render_plan(p: Plan):
+    """What `facetclip plan` prints: a rich table of the estimate."""
+    from rich.table import Table
+
+    s, t = p.sample, p.total
+    table = Table(title=f"plan: {p.recipe} on {p.captions}", show_header=False)
+    table.add_row("input rows", f"{p.rows:,} ({p.rows_from}); sampled {s.rows:,}")
+    table.add_row("rows to embed", f"{t.embedded:,} ({t.truncated:,} truncated)")
+    table.add_row(
+        "model",
+        f"{human(p.params_total)} parameters; {p.layers_run} layers run, "
+        f"{human(p.params_per_token)} matmul weights per token ({p.params_from})",
+    )
+    table.add_row("vectors per row", f"{p.vectors_per_row} x {p.dim}")
+    per_row = s.packed / max(1, s.embedded)
+    naive_row = s.naive / max(1, s.embedded)
+    table.add_row("tokens, packed (computed)", f"{human(t.packed)} ({per_row:,.1f} per row)")
+    table.add_row(
+        "tokens, naive K passes",
+        f"{human(t.naive)} ({naive_row:,.1f} per row, {t.naive / max(1, t.packed):.2f}x)",
+    )
+    table.add_row("FLOPs, packed", f"{p.flops:.3e}")
+    table.add_row("FLOPs, naive K passes", f"{p.flops_naive:.3e}")
+    table.add_row(
+        f"GPU-hours ({p.gpu}, {human(p.peak_flops, 'FLOP/s')} x MFU {p.mfu:g})",
+        f"{_hours(p.gpu_hours)} (naive {_hours(p.gpu_hours_naive)})",
+    )
+    table.add_row(f"wall time on {p.gpus} GPU(s)", f"{_hours(p.wall_hours)} h")
+    for dtype, n in p.cache_bytes.items():
+        table.add_row(
+            f"cache, {dtype}", f"{human(n, 'B')} ({n / max(1, t.embedded):,.0f} B per row)"
+        )
+    return table

@@ -12,12 +12,11 @@ caption: the hf engine packs the context once, and vLLM's prefix cache reuses it
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from store.errors import FacetclipError
-from store.format import dump_toml
+from store.tomlfile import dump_toml, read_toml
 
 # --- FLAME's prompts (papers.md §1, from the public code) ------------------------------------
 
@@ -187,11 +186,7 @@ class Recipe:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Recipe:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise RecipeError(f"cannot read recipe file {path}: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(path, "recipe file", RecipeError))
 
 
 def _flame_group(column: str, prefix: str, facets: dict[str, str]) -> PromptGroup:

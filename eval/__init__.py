@@ -1,9 +1,18 @@
-"""Evaluation: zero-shot and retrieval metrics and reports, benchmark loaders, the synthetic
-dataset and the demo."""
+"""Evaluation and the testbed: zero-shot and retrieval metrics and reports, benchmark loaders,
+sweeps (many runs + their evals), the synthetic dataset, the tiny LM, the demo. Names load
+lazily."""
 
-from eval.benchmarks import ClassificationSet, RetrievalSet, load_benchmark
-from eval.evaluate import EvalConfig, EvalReport, evaluate
-from eval.metrics import retrieval_recall, zero_shot_accuracy
+from store.faces import lazy_face
 
-__all__ = ["ClassificationSet", "RetrievalSet", "load_benchmark", "EvalConfig", "EvalReport",
-           "evaluate", "retrieval_recall", "zero_shot_accuracy"]  # fmt: skip
+__getattr__, __dir__, __all__ = lazy_face(
+    __name__,
+    {
+        "eval.benchmarks": ["ClassificationSet", "RetrievalSet", "load_benchmark"],
+        "eval.evaluation": ["EvalConfig", "EvalReport", "evaluate", "markdown"],
+        "eval.metrics": ["retrieval_recall", "zero_shot_accuracy"],
+        "eval.sweep": ["SweepConfig", "SweepResult", "run_sweep", "render_sweep"],
+        "eval.synth": ["SynthConfig", "write_synth", "render_synth"],
+        "eval.tiny_llm": ["TinyLLMConfig", "build_tiny_llm", "probe_facets", "render_tiny_llm"],
+        "eval.demo": ["DemoConfig", "run_demo"],
+    },
+)

@@ -99,20 +99,17 @@ entry), e.g. ``urban1k (/data/Urban1k): caption/17.txt has no matching image ima
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
-
 from store.errors import InputError
+from store.images import IMAGE_SUFFIXES, is_image
+from store.tables import CaptionSource, iter_caption_batches, iter_jsonl, listing, table_format
 
 LAYOUTS = ("imagefolder", "karpathy", "urban1k", "dci", "docci", "xm3600", "table")
 
@@ -122,16 +119,6 @@ XM3600_LANGUAGES = (
     "he", "hi", "hr", "hu", "id", "it", "ja", "ko", "mi", "nl", "no", "pl",
     "pt", "quz", "ro", "ru", "sv", "sw", "te", "th", "tr", "uk", "vi", "zh",
 )  # fmt: skip
-
-# torchvision's IMG_EXTENSIONS (the files ImageFolder counts as images).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-_TABLE_SUFFIXES = {
-    "parquet": (".parquet",),
-    "csv": (".csv", ".csv.gz"),
-    "tsv": (".tsv", ".tsv.gz"),
-    "jsonl": (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz"),
-}
 
 
 @dataclass
@@ -224,10 +211,6 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def _is_image(path: Path) -> bool:
-    return path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith(".")
-
-
 def _read_json(file: Path, where: str) -> Any:
     """A whole JSON file; errors name the file, and the line and column of a syntax error."""
     try:
@@ -245,29 +228,11 @@ def _read_json(file: Path, where: str) -> Any:
 
 
 def _iter_jsonl(file: Path, where: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of a JSON-lines file."""
-    opener: Callable[..., Any] = gzip.open if file.name.lower().endswith(".gz") else open
-    try:
-        with opener(file, "rt", encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(
-                        f"{where}: {file} line {lineno} is not valid JSON ({e.msg}, column {e.colno})"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise InputError(
-                        f"{where}: {file} line {lineno} is a JSON {type(record).__name__}, "
-                        "not an object (one JSON object per line is expected)"
-                    )
-                yield lineno, record
-    except FileNotFoundError:
-        raise InputError(f"{where}: {file} not found") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise InputError(f"{where}: cannot read {file}: {e}") from None
+    """(line number, object) for every non-blank line of a JSON-lines file (store.tables'
+    reader: its errors name the file and line)."""
+    if not file.is_file():
+        raise InputError(f"{where}: {file} not found")
+    yield from iter_jsonl(file)
 
 
 def _field(record: dict, name: str, where: str, what: str, kind: type = str) -> Any:
@@ -351,7 +316,7 @@ def _load_imagefolder(root: Path, limit: int | None) -> ClassificationSet:
         # Recursive like torchvision's ImageFolder; sorted so the order is the same everywhere.
         for dirpath, dirnames, filenames in os.walk(root / folder, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(f))]
+            found += [Path(dirpath) / f for f in sorted(filenames) if is_image(Path(f))]
         if not found:
             raise InputError(
                 f"{where}: class folder {folder}/ holds no images ({', '.join(IMAGE_SUFFIXES)})"
@@ -449,7 +414,7 @@ def _load_urban1k(root: Path, limit: int | None) -> RetrievalSet:
             )
     images: dict[str, Path] = {}
     for p in sorted((base / "image").iterdir()):
-        if p.is_file() and _is_image(p):
+        if p.is_file() and is_image(p):
             if p.stem in images:
                 raise InputError(
                     f"{where}: image/{images[p.stem].name} and image/{p.name} share a name"
@@ -638,77 +603,35 @@ def _load_xm3600(root: Path, limit: int | None, languages: Sequence[str] | None)
 # --- table -----------------------------------------------------------------------------------
 
 
-def _table_format(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((fmt for fmt, ends in _TABLE_SUFFIXES.items() if name.endswith(ends)), None)
-
-
 def _table_file(root: Path) -> Path:
     if root.is_file():
-        if _table_format(root) is None:
+        if table_format(root) is None:
             raise InputError(
                 f"table: {root} is not a table file (.parquet, .csv, .tsv, .jsonl, .ndjson)"
             )
         return root
-    found = sorted(
-        p
-        for p in root.iterdir()
-        if p.is_file() and not p.name.startswith(".") and _table_format(p) is not None
-    )
+    found = [p for p in listing(root) if table_format(p) is not None]
     if len(found) != 1:
-        listing = f": {', '.join(p.name for p in found)}; pass one file" if found else ""
+        listed = f": {', '.join(p.name for p in found)}; pass one file" if found else ""
         raise InputError(
             f"table ({root}): expected exactly one table (.parquet, .csv, .tsv, .jsonl, .ndjson) "
-            f"in the folder, found {len(found)}{listing}"
+            f"in the folder, found {len(found)}{listed}"
         )
     return found[0]
 
 
-def _table_columns(file: Path, columns: list[str], where: str) -> tuple[list, list, str]:
-    """The two requested columns as Python lists, and how a row is named in errors."""
-    fmt = _table_format(file)
-    if fmt == "jsonl":
-        values: list[list] = [[], []]
-        for lineno, record in _iter_jsonl(file, where):
-            for k, column in enumerate(columns):
-                if column not in record:
-                    raise InputError(
-                        f"{where}: {file.name} line {lineno} has no field {column!r} "
-                        f"(fields: {', '.join(record)})"
-                    )
-                values[k].append(record[column])
-        return values[0], values[1], "line"
+def _table_rows(file: Path, image_column: str, caption_column: str, where: str):
+    """(row number from 1, image, caption) through the project's one table reader, its
+    errors (a missing column, bad UTF-8, invalid JSON) prefixed with ``where``. The image path
+    is the row's key, so a row without one is refused, naming it."""
+    source = CaptionSource(file, key_column=image_column)
     try:
-        if fmt == "parquet":
-            table = pq.read_table(file)
-        else:
-            table = pacsv.read_csv(
-                file,
-                parse_options=pacsv.ParseOptions(
-                    delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True
-                ),
-            )
-    except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{where}: cannot read {file.name} as {fmt}: {e}") from None
-    out = []
-    for column in columns:
-        if column not in table.column_names:
-            raise InputError(
-                f"{where}: {file.name} has no column {column!r} (columns: "
-                f"{', '.join(table.column_names)}); set the column name"
-            )
-        array = table.column(column)
-        if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
-            raise InputError(
-                f"{where}: column {column!r} of {file.name} holds bytes; the table layout "
-                "needs image paths and caption text"
-            )
-        try:
-            out.append(array.cast(pa.string()).to_pylist())
-        except pa.ArrowException as e:
-            raise InputError(f"{where}: column {column!r} of {file.name}: {e}") from None
-    # Data rows count from 1; in CSV/TSV that is after the header row.
-    return out[0], out[1], "row"
+        for batch in iter_caption_batches(source, [caption_column]):
+            captions = batch.columns[caption_column]
+            for i, (image, caption) in enumerate(zip(batch.keys, captions, strict=True)):
+                yield batch.start + i + 1, image, caption
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def _load_table(
@@ -717,11 +640,9 @@ def _load_table(
     file = _table_file(root)
     base = file.parent
     where = f"table ({file})"
-    image_values, caption_values, unit = _table_columns(file, [image_column, caption_column], where)
-
     by_image: dict[Path, tuple[list[str], str]] = {}
-    for n, (image, caption) in enumerate(zip(image_values, caption_values, strict=True), start=1):
-        what = f"{file.name} {unit} {n}"
+    for n, image, caption in _table_rows(file, image_column, caption_column, where):
+        what = f"{file.name} row {n}"
         for column, value in ((image_column, image), (caption_column, caption)):
             if not isinstance(value, str) or not value.strip():
                 raise InputError(

@@ -77,9 +77,9 @@ EVALS = (
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     from embed.pipeline import EmbedConfig, run_embed
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
-    from eval.evaluate import EvalConfig, evaluate
+    from eval.evaluation import EvalConfig, evaluate
     from eval.synth import SynthConfig, write_synth
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
     from store.inspect import inspect_cache, render_summary
     from train.loop import train
 

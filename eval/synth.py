@@ -88,6 +88,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw
 
 from store.errors import InputError
+from store.progress import Bar
 
 FACET_NAMES = (
     "description",
@@ -1353,25 +1354,15 @@ def write_synth(out: str | Path, cfg: SynthConfig, progress: bool = True) -> Syn
 
     >>> write_synth("synth-out", SynthConfig(n=500, format="parquet"), progress=False)  # doctest: +SKIP
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     out = Path(out)
     _prepare_out(out, cfg)
     counts = {"train": cfg.n, **_eval_counts(cfg)}
     total = sum(counts.values())
     t0 = time.perf_counter()
-    columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("synth", total=total)
+    with Bar("synth", total, enabled=progress) as bar:
 
         def advance() -> None:
-            bar.advance(task)
+            bar.update(advance=1)
 
         labels = pq.ParquetWriter(out / "labels.parquet", _label_schema())
         n_failed, shards = _write_train(out, cfg, labels, advance)
@@ -1389,4 +1380,13 @@ def write_synth(out: str | Path, cfg: SynthConfig, progress: bool = True) -> Syn
         seconds=seconds,
         samples_per_s=total / seconds if seconds > 0 else float("inf"),
         shards=shards,
+    )
+
+
+def render_synth(s: SynthSummary) -> str:
+    """What `facetclip synth` prints."""
+    splits = ", ".join(f"{k} {v:,}" for k, v in s.counts.items())
+    return (
+        f"wrote synthetic dataset to [bold]{s.out}[/]: {splits} ({s.n_failed} train samples "
+        f"as failed downloads); {s.seconds:.1f} s, {s.samples_per_s:,.0f} samples/s"
     )

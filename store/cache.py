@@ -40,7 +40,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from store.errors import CacheError
-from store.format import META_LAYOUT, META_RECIPE, dump_toml
+from store.format import META_LAYOUT, META_RECIPE
+from store.tomlfile import dump_toml, read_toml
 
 RECIPE_FILE = "recipe.toml"
 MANIFEST_FILE = "manifest.json"
@@ -288,10 +289,7 @@ class Cache:
             raise CacheError(
                 f"{mpath} is unreadable ({e}); run `facetclip verify {root}`"
             ) from None
-        try:
-            recipe = tomllib.loads(rpath.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise CacheError(f"{rpath} is unreadable ({e})") from None
+        recipe = read_toml(rpath, "the cache's recipe", CacheError)
         return cls(root, recipe, manifest)
 
     @classmethod

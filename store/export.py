@@ -61,3 +61,11 @@ def export_npy(
         size += m.stat().st_size
         rows += len(keys)
     return ExportSummary(out, files, rows, size)
+
+
+def render_export(s: ExportSummary) -> str:
+    """What `facetclip export` prints."""
+    return (
+        f"exported {s.rows:,} rows into {s.files} .npy files ({s.bytes / 1e6:.1f} MB) "
+        f"under [bold]{s.out}[/]"
+    )

@@ -9,8 +9,6 @@ its key-value metadata so a lone shard explains itself.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
@@ -22,41 +20,6 @@ SCALE_SUFFIX = "__scale"
 TOKENS_PREFIX = "tokens__"
 
 _ARROW = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
-
-
-def dump_toml(d: dict) -> str:
-    """A small TOML writer for flat tables plus arrays of tables (the recipe's shape)."""
-
-    def scalar(v) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        # JSON string escapes are valid TOML basic-string escapes.
-        return json.dumps(str(v), ensure_ascii=False)
-
-    def table(prefix: str, t: dict, lines: list[str]) -> None:
-        subtables = []
-        for k, v in t.items():
-            if isinstance(v, dict) or isinstance(v, list) and v and isinstance(v[0], dict):
-                subtables.append((k, v))
-            elif isinstance(v, (list, tuple)):
-                lines.append(f"{k} = [{', '.join(scalar(x) for x in v)}]")
-            else:
-                lines.append(f"{k} = {scalar(v)}")
-        for k, v in subtables:
-            name = f"{prefix}{k}"
-            if isinstance(v, dict):
-                lines += ["", f"[{name}]"]
-                table(name + ".", v, lines)
-            else:
-                for item in v:
-                    lines += ["", f"[[{name}]]"]
-                    table(name + ".", item, lines)
-
-    lines: list[str] = []
-    table("", d, lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def shard_schema(

@@ -4,7 +4,7 @@ Streams the cache shard by shard (``store.reader``), keeping a running top-k, so
 shard's vectors plus k candidates whatever the cache's size. Texts are read at the end, for
 the k winners only.
 
->>> for n in neighbors("cache", "000000042", facet="main_object", k=5):
+>>> for n in find_neighbors("cache", "000000042", facet="main_object", k=5):
 ...     print(n.rank, f"{n.score:.3f}", n.key, n.text)
 """
 
@@ -63,7 +63,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.where(norm > 0, norm, 1.0)
 
 
-def neighbors(
+def find_neighbors(
     cache_path: str | Path, key: str, facet: str | None = None, k: int = 10
 ) -> list[Neighbor]:
     """The caption ``key`` (rank 0, score 1.0) followed by its ``k`` nearest captions by cosine
@@ -118,3 +118,15 @@ def _texts(column: str | None, rows: list[tuple[Path, int]]) -> list[str | None]
         values = pq.read_table(path, columns=[column]).column(column).take(idx).to_pylist()
         found.update(zip(((path, r) for r in idx), values, strict=True))
     return [found[r] for r in rows]
+
+
+def render_neighbors(found: list[Neighbor], key: str, facet: str | None):
+    """What `facetclip neighbors` prints: rank, key, cosine and text of each neighbour."""
+    from rich.table import Table
+
+    t = Table(title=f"neighbours of {key}" + (f" on {facet}" if facet else ""))
+    for col in ("rank", "key", "cosine", "text"):
+        t.add_column(col, overflow="fold" if col == "text" else "ellipsis")
+    for nb in found:
+        t.add_row(str(nb.rank), nb.key, f"{nb.score:.4f}", (nb.text or "")[:200])
+    return t

@@ -23,6 +23,7 @@ from store.errors import CacheError
 from store.format import META_LAYOUT, SCALE_SUFFIX, decode_vectors
 
 INDEX_FILE = "key_index.npz"
+MEANS_FILE = "vector_means.npz"
 
 
 def shard_layout(path: str | Path, filesystem: pafs.FileSystem | None = None) -> dict:
@@ -40,10 +41,13 @@ def _columns(layout: dict, names: Sequence[str], where: str) -> list[str]:
     unknown = [n for n in names if n not in layout["vector_names"]]
     if unknown:
         raise CacheError(f"{where} has no vector(s) {unknown}; it has {layout['vector_names']}")
-    columns = ["key", *names]
-    if layout["dtype"] == "int8":
-        columns += [n + SCALE_SUFFIX for n in names]
-    return columns
+    return _vector_columns(names, layout["dtype"])
+
+
+def _vector_columns(names: Sequence[str], dtype: str) -> list[str]:
+    """The Parquet columns holding vectors ``names`` and the key (int8 adds its scales)."""
+    scales = [n + SCALE_SUFFIX for n in names] if dtype == "int8" else []
+    return ["key", *names, *scales]
 
 
 def read_shard(
@@ -168,16 +172,12 @@ class KeyIndex:
         self.cache = cache
         self.hashes, self.shard, self.row = hashes, shard, row
 
-    @staticmethod
-    def _stamp(cache: Cache) -> str:
-        return hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest()
-
     @classmethod
     def load(cls, cache: Cache | str | Path) -> KeyIndex:
         """The cache's index, rebuilt (and saved, when the cache is writable) if stale."""
         cache = _open(cache)
         path = cache.path(INDEX_FILE)
-        stamp = cls._stamp(cache)
+        stamp = manifest_stamp(cache)
         if cache.fs is None and path.is_file():  # persisted for local caches only
             with np.load(path) as z:
                 if str(z["stamp"]) == stamp:
@@ -259,3 +259,109 @@ class KeyIndex:
             for n in names:
                 out[n][pos] = decode_vectors(table, n, layout["dtype"])
         return out
+
+
+def manifest_stamp(cache: Cache) -> str:
+    """A digest of the finished shards: files derived from the cache (the key index, the
+    vector means) are valid while it is unchanged."""
+    return hashlib.sha256("".join(s.sha256 for s in cache.manifest.shards).encode()).hexdigest()
+
+
+def vector_means(cache: Cache | str | Path, names: Sequence[str] | None = None) -> np.ndarray:
+    """[K, D] float32: the mean over all rows of each named vector (default: all), in ``names``
+    order. Computed once per cache state in one streaming pass and saved beside the manifest
+    (local caches), so every training run of a cache reuses it.
+
+    Why it exists: LLM hidden states are anisotropic and each facet prompt has its own cone;
+    subtracting the mean leaves what distinguishes the captions (``center_text``).
+    """
+    cache = _open(cache)
+    layout = cache.manifest.layout
+    names = list(names) if names is not None else list(layout["vector_names"])
+    _columns(layout, names, str(cache.root))  # CacheError for unknown names
+    stamp = manifest_stamp(cache)
+    path = cache.path(MEANS_FILE)
+    stored: dict[str, np.ndarray] = {}
+    if cache.fs is None and path.is_file():
+        try:
+            with np.load(path) as z:
+                if str(z["stamp"]) == stamp:
+                    stored = {k: z[k] for k in z.files if k != "stamp"}
+        except (OSError, ValueError, KeyError):  # a damaged file is recomputed, never trusted
+            stored = {}
+    todo = [n for n in names if n not in stored]
+    if todo:
+        total = {n: np.zeros(layout["dim"], np.float64) for n in todo}
+        rows = 0
+        for keys, vecs in iter_batches(cache, todo):
+            for n in todo:
+                total[n] += vecs[n].sum(axis=0, dtype=np.float64)
+            rows += len(keys)
+        if not rows:
+            raise CacheError(f"cache {cache.root} has no rows")
+        stored.update({n: (total[n] / rows).astype(np.float32) for n in todo})
+        if cache.fs is None:
+            try:
+                import io
+
+                buf = io.BytesIO()
+                np.savez(buf, stamp=np.array(stamp), **stored)
+                atomic_write_bytes(path, buf.getvalue())
+            except OSError:  # a read-only cache still gets its means, just not saved
+                pass
+    return np.stack([stored[n] for n in names])
+
+
+def key_locations(cache: Cache | str | Path) -> pa.Table:
+    """key, shard (position in the manifest), rg (row group), row (within it) of every row,
+    reading the key column only: what a join by key needs to fetch vectors later."""
+    cache = _open(cache)
+    parts = []
+    for shard, path in enumerate(cache.shard_paths):
+        try:
+            pf = pq.ParquetFile(path, filesystem=cache.fs)
+            for g in range(pf.metadata.num_row_groups):
+                keys = pf.read_row_group(g, columns=["key"]).column("key")
+                n = len(keys)
+                parts.append(
+                    pa.table(
+                        {
+                            "key": keys.cast(pa.string()),
+                            "shard": pa.array(np.full(n, shard, np.int32)),
+                            "rg": pa.array(np.full(n, g, np.int32)),
+                            "row": pa.array(np.arange(n, dtype=np.int32)),
+                        }
+                    )
+                )
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(
+                f"cannot read {path} ({e}); run `facetclip verify {cache.root}`"
+            ) from None
+    if not parts:
+        return pa.schema(
+            [("key", pa.string()), ("shard", pa.int32()), ("rg", pa.int32()), ("row", pa.int32())]
+        ).empty_table()
+    return pa.concat_tables(parts)
+
+
+def read_rows(
+    path: str,
+    row_group: int,
+    rows: np.ndarray,
+    names: Sequence[str],
+    dtype: str,
+    filesystem: pafs.FileSystem | None = None,
+    expect_keys: Sequence[str] | None = None,
+) -> np.ndarray:
+    """float32 [n, K, D]: vectors ``names`` of ``rows`` of one row group of one shard (one
+    row group read, only the asked-for columns). ``expect_keys``: the keys a plan saw there;
+    a mismatch means the shard changed since (CacheError)."""
+    try:
+        pf = pq.ParquetFile(path, filesystem=filesystem)
+        columns = _vector_columns(names, dtype)
+        table = pf.read_row_group(row_group, columns=columns).take(pa.array(rows))
+    except (OSError, pa.ArrowException) as e:
+        raise CacheError(f"cannot read {path} ({e}); run `facetclip verify` on its cache") from None
+    if expect_keys is not None and table.column("key").to_pylist() != list(expect_keys):
+        raise CacheError(f"{path} changed since the join was planned; plan again (restart the run)")
+    return np.stack([decode_vectors(table, n, dtype) for n in names], axis=1)

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """An untrained 4-layer Llama (weights random, tokenizer trained): right for engine math."""
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_llm(

@@ -119,7 +119,7 @@ def encode(model_dir: Path, recipe_name: str, rows: list[dict]) -> list:
 
 def build_small_llm(out: Path) -> Path:
     """Untrained 4-layer Llama, head size 64 (a size every vLLM attention kernel takes)."""
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     cfg = TinyLLMConfig(
         steps=0, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512, n_captions=400
@@ -328,12 +328,12 @@ def check_throughput(tmp: Path, tokenizer_dir: Path, args) -> None:
 
 
 def _decode_chunk(args) -> int:
-    """One loader worker's share: decode + RandomResizedCrop + normalise (train.data)."""
+    """One loader worker's share: decode + RandomResizedCrop + normalise (train.transforms)."""
     jpegs, size = args
-    from train.data import IMAGE_BYTES, DataConfig, decode_batch
+    from train.transforms import IMAGE_BYTES, ImageTransform, decode_batch
 
-    cfg = DataConfig(images=Path("."), cache=Path("."), image_size=size)
-    decode_batch({"key": [str(i) for i in range(len(jpegs))], IMAGE_BYTES: jpegs}, cfg)
+    t = ImageTransform(image_size=size)
+    decode_batch({"key": [str(i) for i in range(len(jpegs))], IMAGE_BYTES: jpegs}, t)
     return len(jpegs)
 
 

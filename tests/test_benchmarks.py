@@ -353,7 +353,9 @@ def test_docci_errors(docci):
     ):
         load_benchmark("docci", docci)
     file.write_text(lines[0] + "\n" + lines[1][:-3] + "\n")
-    with pytest.raises(InputError, match=r"docci_descriptions\.jsonlines line 2 is not valid JSON"):
+    with pytest.raises(
+        InputError, match=r"docci_descriptions\.jsonlines: line 2 is not valid JSON"
+    ):
         load_benchmark("docci", docci)
     record = json.loads(lines[1])
     del record["description"]
@@ -438,7 +440,7 @@ def test_xm3600_errors(xm3600):
     ):
         load_benchmark("xm3600", xm3600)
     file.write_text(lines[0] + "\n{not json\n", "utf-8")
-    with pytest.raises(InputError, match=r"captions\.jsonl line 2 is not valid JSON"):
+    with pytest.raises(InputError, match=r"captions\.jsonl: line 2 is not valid JSON"):
         load_benchmark("xm3600", xm3600)
     with pytest.raises(InputError, match="only to the xm3600 layout"):
         load_benchmark("docci", xm3600, languages=["en"])
@@ -504,7 +506,7 @@ def test_table_absolute_image_paths(tmp_path):
 def test_table_errors(tmp_path):
     root = _table_dir(tmp_path, "csv")
     with pytest.raises(
-        InputError, match=r"pairs\.csv has no column 'image' \(columns: key, img, text\)"
+        InputError, match=r"column 'image' not found in .*pairs\.csv; columns found: key, img, text"
     ):
         load_benchmark("table", root, caption_column="text")
     (root / "images" / "a.png").unlink()
@@ -515,10 +517,10 @@ def test_table_errors(tmp_path):
     _write_jsonl(root / "more.jsonl", [{"img": "images/b.jpg", "text": ""}])
     with pytest.raises(InputError, match=r"exactly one table .* found 2: more\.jsonl, pairs\.csv"):
         load_benchmark("table", root)
-    with pytest.raises(InputError, match=r"more\.jsonl line 1 has no text in 'text'"):
+    with pytest.raises(InputError, match=r"more\.jsonl row 1 has no text in 'text'"):
         load_benchmark("table", root / "more.jsonl", image_column="img", caption_column="text")
     (root / "more.jsonl").write_text('{"img": "images/b.jpg", "text": "ok"}\n{"img": \n')
-    with pytest.raises(InputError, match=r"more\.jsonl line 2 is not valid JSON"):
+    with pytest.raises(InputError, match=r"more\.jsonl: line 2 is not valid JSON"):
         load_benchmark("table", root / "more.jsonl", image_column="img", caption_column="text")
 
 

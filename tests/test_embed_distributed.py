@@ -176,7 +176,7 @@ def test_cache_on_a_pyarrow_filesystem_reads_back_equal(
 def test_training_reader_joins_a_cache_on_a_pyarrow_filesystem(
     synth_data, tiny_model, reference, memory_fs
 ):
-    from train.data import DataConfig, _read_vectors, _ReadSpec, plan_join
+    from train.data import DataConfig, UnitReader, plan_join
 
     fs, root = memory_fs
     run_embed(config(synth_data, tiny_model, root, out_filesystem=fs), progress=False)
@@ -188,9 +188,7 @@ def test_training_reader_joins_a_cache_on_a_pyarrow_filesystem(
     t = remote.table.slice(0, 5)
     shard, rg = int(t.column("shard")[0].as_py()), int(t.column("rg")[0].as_py())
     rows, keys = t.column("row").to_numpy(), t.column("key").to_pylist()
-    spec = _ReadSpec(remote.cache_paths, facets, remote.dtype, remote.image_format,
-                     remote.sources, remote.bytes_column, remote.cache_filesystem)  # fmt: skip
-    vectors = _read_vectors(spec, shard, rg, rows, keys)
+    vectors = UnitReader.of(remote).vectors(shard, rg, rows, keys)
     index = KeyIndex.load(reference)
     want = index.vectors(keys, facets)
     assert np.array_equal(vectors, np.stack([want[f] for f in facets], axis=1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.evaluate import chance_any_in_top_k
+from eval.evaluation import chance_any_in_top_k
 from eval.metrics import retrieval_recall, zero_shot_accuracy
 
 

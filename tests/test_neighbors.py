@@ -10,7 +10,7 @@ import pytest
 from embed.pipeline import EmbedConfig, run_embed
 from store.cache import Cache
 from store.errors import CacheError
-from store.neighbors import neighbors
+from store.neighbors import find_neighbors
 
 
 @pytest.fixture(scope="module", params=["float16", "int8"])
@@ -50,7 +50,7 @@ def brute_force(cache, key: str, facet: str) -> tuple[list[str], np.ndarray, dic
 @pytest.mark.parametrize("facet", [None, "main_object", "atmosphere"])
 def test_neighbors_equal_brute_force(cache, facet):
     key = "000000030"  # in the middle shard
-    got = neighbors(cache, key, facet=facet, k=7)
+    got = find_neighbors(cache, key, facet=facet, k=7)
     keys, scores, texts = brute_force(cache, key, facet or "description")
     assert [n.rank for n in got] == list(range(8))
     assert (got[0].key, got[0].score, got[0].text) == (key, 1.0, texts[key])
@@ -61,15 +61,15 @@ def test_neighbors_equal_brute_force(cache, facet):
 
 
 def test_k_larger_than_the_cache_returns_every_other_caption(cache):
-    got = neighbors(cache, "000000000", k=1000)
+    got = find_neighbors(cache, "000000000", k=1000)
     assert len(got) == 60 and len({n.key for n in got}) == 60
     keys, scores, _ = brute_force(cache, "000000000", "description")
     assert [n.key for n in got[1:]] == keys
-    assert neighbors(cache, "000000000", k=0)[0].key == "000000000"
+    assert find_neighbors(cache, "000000000", k=0)[0].key == "000000000"
 
 
 def test_unknown_key_or_facet_is_a_clear_error(cache):
     with pytest.raises(CacheError, match=r"'nope'.*facetclip sql .*SELECT key FROM embeddings"):
-        neighbors(cache, "nope")
+        find_neighbors(cache, "nope")
     with pytest.raises(CacheError, match="no facet 'colour'.*main_object, main_characteristic"):
-        neighbors(cache, "000000000", facet="colour")
+        find_neighbors(cache, "000000000", facet="colour")

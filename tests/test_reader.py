@@ -11,7 +11,14 @@ from embed.pipeline import EmbedConfig, run_embed
 from store.cache import Cache
 from store.errors import CacheError
 from store.export import export_npy
-from store.reader import INDEX_FILE, KeyIndex, iter_batches, read_shard
+from store.reader import (
+    INDEX_FILE,
+    MEANS_FILE,
+    KeyIndex,
+    iter_batches,
+    read_shard,
+    vector_means,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +53,27 @@ def test_iter_batches_is_bounded_and_complete(cache):
     assert np.array_equal(np.concatenate(vecs), want)
     with pytest.raises(CacheError, match="no vector"):
         next(iter_batches(cache, ["nope"]))
+
+
+def test_vector_means_match_pandas_and_are_computed_once(cache, tmp_path):
+    import shutil
+
+    df = all_rows(cache)
+    names = ["action", "main_object"]
+    want = np.stack([np.stack(df[n].to_numpy()).astype(np.float64).mean(axis=0) for n in names])
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    got = vector_means(copy, names)
+    assert got.shape == (2, 64) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    saved = (copy / MEANS_FILE).stat().st_mtime_ns
+    np.testing.assert_array_equal(vector_means(copy, names[::-1]), got[::-1])  # reused
+    assert (copy / MEANS_FILE).stat().st_mtime_ns == saved
+    # a stale file (another cache state) is recomputed, never trusted
+    np.savez(copy / MEANS_FILE, stamp=np.array("other"), action=np.zeros(64, np.float32))
+    np.testing.assert_allclose(vector_means(copy, ["action"])[0], want[0], atol=1e-6)
+    with pytest.raises(CacheError, match="no vector"):
+        vector_means(copy, ["nope"])
 
 
 def test_key_index_finds_every_key_and_nothing_else(cache, tmp_path):

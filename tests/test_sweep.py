@@ -11,15 +11,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from store.errors import InputError
-from train.sweep import (
+from eval.sweep import (
     SweepConfig,
     expand_trials,
     plan_concurrency,
     rank_trials,
-    sweep,
+    run_sweep,
     trial_configs,
 )
+from store.errors import InputError
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -184,7 +184,7 @@ def ray_shutdown():
 def test_a_2x2_sweep_makes_four_run_directories_and_a_ranked_leaderboard(
     data, tmp_path, ray_shutdown
 ):
-    from train.checkpoint import latest_checkpoint
+    from store.runs import latest_checkpoint
     from train.config import TrainConfig
     from train.export import load
     from train.loop import prepare_run
@@ -193,7 +193,7 @@ def test_a_2x2_sweep_makes_four_run_directories_and_a_ranked_leaderboard(
     path = tmp_path / "sweep.toml"
     path.write_text(sweep_toml(synth))
     out = tmp_path / "sweep"
-    result = sweep(SweepConfig.from_toml(path), out, synth / "images", cache, progress=False)
+    result = run_sweep(SweepConfig.from_toml(path), out, synth / "images", cache, progress=False)
     print((out / "leaderboard.md").read_text())
     print(f"wall time {result.seconds:.0f} s, {result.concurrency} trials at a time")
 
@@ -237,4 +237,4 @@ def test_a_2x2_sweep_makes_four_run_directories_and_a_ranked_leaderboard(
     # another sweep in the same DIR is refused
     path.write_text(sweep_toml(synth).replace("[1e-3, 1e-2]", "[1e-3, 3e-3]"))
     with pytest.raises(InputError, match="holds a sweep with other settings"):
-        sweep(SweepConfig.from_toml(path), out, synth / "images", cache, progress=False)
+        run_sweep(SweepConfig.from_toml(path), out, synth / "images", cache, progress=False)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from embed.prompts import CONTEXT_SUFFIX, LONG_FACETS, LONG_PREFIX
-from embed.tiny_llm import IGNORE, TinyLLMConfig, build_tiny_llm, pack_prompt
+from eval.tiny_llm import IGNORE, TinyLLMConfig, build_tiny_llm, pack_prompt
 from store.errors import InputError
 
 # Small enough that the whole module runs in seconds on 2 cores.
@@ -168,7 +168,7 @@ def test_packed_rows_match_standalone_sequences(tiny_dirs, offline):
     (DESIGN.md's definition), whatever shares its row or batch."""
     from transformers import AutoModelForCausalLM
 
-    from embed.tiny_llm import collate, join_items
+    from eval.tiny_llm import collate, join_items
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[0] / "trained").eval()
     context, facets = [1, 40, 41, 42, 43], [[50, 51], [60, 61, 62], [70]]

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from embed.pipeline import EmbedConfig, run_embed
 from eval.synth import SynthConfig, write_synth
 from store.errors import InputError
-from train.checkpoint import latest_checkpoint, load_checkpoint
+from store.runs import METRICS_FILE, latest_checkpoint, load_checkpoint
 from train.config import TrainConfig
-from train.loop import FAULT_MARKER, METRICS_FILE, TrainError, prepare_run, train
+from train.loop import FAULT_MARKER, TrainError, prepare_run, train
 from train.model import build_model
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -179,6 +179,40 @@ np.save({str(tmp_path / "feats.npy")!r}, m.encode_image([Image.open(p) for p in 
         )
 
 
+def test_center_text_offset_is_the_one_training_used(data, tmp_path, ray_session):
+    """center_text: the offset training subtracts is the cache's mean over rows and trained
+    facets (computed here with pyarrow alone), it is saved with the weights, and the export's
+    encode_text equals what the loss saw for the same cached vectors: the checkpointed model's
+    forward on the raw vectors."""
+    import pyarrow.parquet as pq
+
+    from train.export import load
+
+    synth, cache = data
+    run = tmp_path / "centred"
+    cfg = config(data, run, steps=2)
+    cfg.model.center_text = True
+    train(cfg, progress=False)
+    facets = TrainConfig.from_toml(run / "config.toml").facets
+    table = pq.read_table(sorted((cache / "shards").glob("part-*.parquet")), columns=facets)
+    by_facet = [np.stack(table.column(f).to_numpy(zero_copy_only=False)) for f in facets]
+    mean = np.mean([v.astype(np.float64).mean(axis=0) for v in by_facet], axis=0)
+
+    exported = load(run)
+    np.testing.assert_allclose(exported.model.text_mean.numpy(), mean, atol=1e-5)
+    raw = torch.from_numpy(np.stack([v[:5] for v in by_facet], axis=1).astype(np.float32))
+    ckpt_model = build_model(cfg.model, raw.shape[-1]).eval()
+    load_checkpoint(latest_checkpoint(run), ckpt_model)
+    images = torch.zeros(5, 3, 32, 32)
+    with torch.no_grad():
+        seen = ckpt_model(images, raw)["text_features"]  # what compute_loss receives
+    np.testing.assert_allclose(exported.encode_text(raw.numpy()), seen.numpy(), atol=1e-6)
+    # text_head "none": the exported text features are the centred vectors, normalised
+    centred = raw.double() - torch.from_numpy(mean)
+    want = (centred / centred.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(exported.encode_text(raw.numpy()), want, atol=1e-5)
+
+
 def test_short_training_lifts_held_out_retrieval_far_above_chance(
     tmp_path, tiny_model, ray_session
 ):
@@ -229,7 +263,7 @@ def test_short_training_lifts_held_out_retrieval_far_above_chance(
 
 
 def test_eval_writes_reports_and_reuses_its_text_cache(data, tmp_path, ray_session):
-    from eval.evaluate import EvalConfig, evaluate
+    from eval.evaluation import EvalConfig, evaluate
     from eval.metrics import retrieval_recall
 
     run = tmp_path / "evalrun"

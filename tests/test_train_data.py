@@ -22,15 +22,8 @@ from embed.pipeline import EmbedConfig, run_embed
 from eval.synth import SynthConfig, write_synth
 from store.cache import Cache
 from store.errors import InputError
-from train.data import (
-    IMAGE_BYTES,
-    DataConfig,
-    build_dataset,
-    decode_batch,
-    drop_invalid,
-    plan_join,
-    scan_keys,
-)
+from train.data import DataConfig, build_dataset, plan_join, scan_keys
+from train.transforms import IMAGE_BYTES, decode_batch, drop_invalid
 
 N, EMBEDDED = 60, 45  # the cache holds the first 45 captions: the last images have no vectors
 FACETS = ["atmosphere", "main_object"]  # not the cache's order: `text` must follow this one
@@ -186,7 +179,7 @@ def test_decode_batch_counts_corrupt_bytes(data):
     }
     for train in (True, False):
         cfg = DataConfig(root, cache, image_size=32, train=train)
-        out = decode_batch(batch, cfg)
+        out = decode_batch(batch, cfg.transform)
         assert out["valid"].tolist() == [True, False, False, False]
         assert out["image"].shape == (4, 3, 32, 32) and out["image"].dtype == np.float32
         assert out["image"][0].std() > 0 and not out["image"][1:].any()

@@ -238,7 +238,7 @@ def vllm_gpu():
 def gpu_model(vllm_gpu, tmp_path_factory):
     """An untrained 4-layer Llama with head size 64 (the conftest model's head size 16 is
     below what some of vLLM's attention kernels take)."""
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     out = tmp_path_factory.mktemp("models") / "tiny-h64"
     build_tiny_llm(

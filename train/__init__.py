@@ -1,13 +1,15 @@
-"""Stage two: the tower and heads, losses, the Ray Data input, the Ray Train loop, export,
-sweeps on Ray Tune."""
+"""Stage two: the tower and heads, losses, the Ray Data input, the Ray Train loop, export.
+Names load lazily: ``import train`` imports neither torch nor Ray."""
 
-from train.config import TrainConfig
-from train.export import TrainedModel, load
-from train.loop import TrainError, TrainResult, train
-from train.losses import LOSSES, compute_loss
-from train.model import FacetCLIP, ModelConfig, build_model
-from train.sweep import SweepConfig, SweepResult, sweep
+from store.faces import lazy_face
 
-__all__ = ["TrainConfig", "TrainedModel", "load", "TrainError", "TrainResult", "train", "LOSSES",
-           "compute_loss", "FacetCLIP", "ModelConfig", "build_model", "SweepConfig", "SweepResult",
-           "sweep"]  # fmt: skip
+__getattr__, __dir__, __all__ = lazy_face(
+    __name__,
+    {
+        "train.config": ["TrainConfig"],
+        "train.export": ["TrainedModel", "load"],
+        "train.loop": ["TrainError", "TrainResult", "train", "render_train"],
+        "train.losses": ["LOSSES", "compute_loss"],
+        "train.model": ["FacetCLIP", "ModelConfig", "build_model"],
+    },
+)

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from store.errors import InputError
-from store.format import dump_toml
+from store.tomlfile import dump_toml, read_toml
 from train.model import IMAGE_HEADS, TEXT_HEADS, ModelConfig
 
 
@@ -111,10 +111,7 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
-        try:
-            return cls.from_dict(tomllib.loads(Path(path).read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InputError(f"cannot read config {path}: {e}") from None
+        return cls.from_dict(read_toml(path, "config"))
 
     def override(self, assignments: list[str]) -> TrainConfig:
         """Apply ``--set section.field=value`` overrides (values parsed as TOML, else strings)."""

@@ -2,9 +2,9 @@
 
 ```
 RUN/model/
-  model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text mean
+  model.safetensors   FacetCLIP: tower + image head + text head + logit scale/bias + text_mean
+                      (center_text's offset: encode_text subtracts it, as in training)
   tower.safetensors   the tower alone, a plain timm state dict (timm.create_model(...).load_state_dict)
-  facet_means.safetensors   with center_text: each trained facet's mean cached vector [K, D]
   config.json         model config, text_dim, image preprocessing, the cache's recipe and facets
 ```
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,10 +29,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from store.errors import InputError
-from train.checkpoint import load_checkpoint
+from store.cache import Cache
+from store.errors import CacheError, InputError
+from store.runs import load_checkpoint
 from train.config import TrainConfig
 from train.model import FacetCLIP, ModelConfig, build_model
+from train.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, eval_transform
 
 MODEL_DIR = "model"
 
@@ -44,8 +45,10 @@ def export_model(run: Path, checkpoint: Path) -> Path:
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(cfg.model, state["text_dim"])
     load_checkpoint(checkpoint, model)
-    recipe_path = Path(cfg.cache) / "recipe.toml"
-    recipe = tomllib.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    try:  # the recipe travels with the model: eval embeds its text queries with it
+        recipe = Cache.open(cfg.cache).recipe
+    except CacheError:
+        recipe = {}
     out = Path(run) / MODEL_DIR
     tmp = out.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -59,8 +62,8 @@ def export_model(run: Path, checkpoint: Path) -> Path:
         "text_dim": state["text_dim"],
         "step": state["step"],
         "image_size": cfg.data.image_size,
-        "image_mean": list(_image_norm()[0]),
-        "image_std": list(_image_norm()[1]),
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "facets": cfg.facets,
         "loss": cfg.loss,
         "recipe": recipe,
@@ -71,27 +74,13 @@ def export_model(run: Path, checkpoint: Path) -> Path:
     return out
 
 
-def _image_norm() -> tuple[tuple, tuple]:
-    from train.data import DataConfig
-
-    d = DataConfig(images=Path("."), cache=Path("."))
-    return tuple(d.mean), tuple(d.std)
-
-
 class TrainedModel:
     """A loaded export: ``encode_image`` and ``encode_text`` on the CPU or a GPU."""
 
-    def __init__(
-        self,
-        model: FacetCLIP,
-        meta: dict,
-        device: str = "cpu",
-        facet_means: np.ndarray | None = None,
-    ):
+    def __init__(self, model: FacetCLIP, meta: dict, device: str = "cpu"):
         self.model = model.to(device).eval()
         self.meta = meta
         self.device = torch.device(device)
-        self.facet_means = facet_means  # [K, D] in ``facets`` order, or None
 
     @property
     def facets(self) -> list[str]:
@@ -108,23 +97,18 @@ class TrainedModel:
     @torch.no_grad()
     def encode_text(self, vectors) -> np.ndarray:
         """Cached LLM vectors [..., text_dim] -> [..., D] float32 unit vectors (a center_text
-        model first subtracts the same offset training did)."""
-        v = np.asarray(vectors, dtype=np.float32)
-        if self.facet_means is not None:
-            v = v - self.facet_means.mean(axis=0)
-        v = torch.as_tensor(v, device=self.device)
+        model subtracts its ``text_mean`` buffer inside, exactly as in training)."""
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32), device=self.device)
         return self.model.encode_text(v).float().cpu().numpy()
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images -> [B, 3, S, S] float32, the evaluation transform of training's data."""
-        from train.data import DataConfig, eval_transform
-
-        cfg = DataConfig(images=Path("."), cache=Path("."), image_size=self.meta["image_size"],
-                         mean=tuple(self.meta["image_mean"]), std=tuple(self.meta["image_std"]), train=False)  # fmt: skip
-        return np.stack([eval_transform(im, cfg) for im in images])
+        t = ImageTransform(image_size=self.meta["image_size"], train=False,
+                           mean=tuple(self.meta["image_mean"]), std=tuple(self.meta["image_std"]))  # fmt: skip
+        return np.stack([eval_transform(im, t) for im in images])
 
 
-def load(path: str | Path, device: str = "cpu") -> TrainedModel:
+def _model_dir(path: str | Path) -> Path:
     path = Path(path)
     if (path / MODEL_DIR / "config.json").is_file():
         path = path / MODEL_DIR  # a run directory
@@ -132,9 +116,17 @@ def load(path: str | Path, device: str = "cpu") -> TrainedModel:
         raise InputError(
             f"{path} is not an exported model (no config.json); train writes RUN/model/"
         )
-    meta = json.loads((path / "config.json").read_text())
+    return path
+
+
+def load_meta(path: str | Path) -> dict:
+    """An export's config.json (model config, preprocessing, facets, recipe), without weights."""
+    return json.loads((_model_dir(path) / "config.json").read_text())
+
+
+def load(path: str | Path, device: str = "cpu") -> TrainedModel:
+    path = _model_dir(path)
+    meta = load_meta(path)
     model = build_model(ModelConfig(**meta["model"]), meta["text_dim"])
     model.load_state_dict(load_file(path / "model.safetensors"))
-    means = path / "facet_means.safetensors"
-    facet_means = load_file(means)["means"].numpy() if means.is_file() else None
-    return TrainedModel(model, meta, device, facet_means)
+    return TrainedModel(model, meta, device)

@@ -15,10 +15,8 @@ batches it had consumed and continues with exactly the batch an uninterrupted ru
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,19 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import FacetclipError, InputError
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from store.runs import (
+    METRICS_FILE,
+    MetricsLog,
+    ProgressTail,
+    latest_checkpoint,
+    load_checkpoint,
+    plot_metrics,
+    read_metrics,
+    save_checkpoint,
+)
 from train.config import TrainConfig
 
 CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.jsonl"
 NAN_FILE = "nan.json"
 FAULT_MARKER = ".fault_injected"
 
@@ -80,11 +86,11 @@ def prepare_run(
     facts = {
         "text_dim": layout["dim"],
         "join": _as_dict(plan.stats),
-        "facet_means": None,
+        "text_mean": None,
         "plan": plan,
     }
     if cfg.model.center_text:
-        facts["facet_means"] = facet_means(cfg.cache, cfg.facets).tolist()
+        facts["text_mean"] = text_mean(cfg.cache, cfg.facets).tolist()
     run.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:
         import shutil
@@ -130,23 +136,17 @@ def check_config(cfg: TrainConfig) -> dict:
     return layout
 
 
-def facet_means(cache: str | Path, facets: list[str]) -> np.ndarray:
-    """[K, D]: the mean of each facet's cached unit vectors over all rows (for center_text).
+def text_mean(cache: str | Path, facets: list[str]) -> np.ndarray:
+    """[D]: what ``center_text`` subtracts from every cached vector, in training and at
+    inference alike (it becomes the model's ``text_mean`` buffer): the mean over the cache's
+    rows and the trained facets.
 
-    LLM hidden states are anisotropic and each facet prompt has its own cone: subtracting one
-    facet's mean from its vectors leaves what distinguishes the captions on that facet.
+    One shared offset, not each facet's own mean: subtracting per-facet means was tried and,
+    on the synthetic data, lowered held-out text->image R@1 from 3-4x chance to chance.
     """
-    from store.reader import iter_batches
+    from store.reader import vector_means
 
-    total = None
-    n = 0
-    for _, vecs in iter_batches(cache, facets):
-        s = np.stack([vecs[f].astype(np.float64).sum(axis=0) for f in facets])
-        total = s if total is None else total + s
-        n += len(vecs[facets[0]])
-    if not n:
-        raise InputError(f"cache {cache} has no rows")
-    return (total / n).astype(np.float32)
+    return vector_means(cache, facets).mean(axis=0)
 
 
 def _as_dict(obj) -> dict:
@@ -169,7 +169,7 @@ def init_ray(cfg: TrainConfig, num_cpus: int | None = None) -> None:
     """Join ``run.ray_address``, or start a local Ray with more logical CPUs than the workers
     take, so Ray Data's decode tasks are not starved behind the training workers (a sweep
     passes ``num_cpus`` for its concurrent runs). Inside a Ray task (a Tune trial) Ray is up."""
-    from embed.distributed import init_ray as join_or_start
+    from store.cluster import init_ray as join_or_start
 
     join_or_start(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker, num_cpus)
 
@@ -205,7 +205,7 @@ def train(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )
-    bar = _ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
+    bar = ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
@@ -224,67 +224,17 @@ def train(
             f"or run.amp = false; then --resume {run}."
         )
     from train.export import export_model
-    from train.plots import plot_metrics
 
     plot_metrics(run / METRICS_FILE, run / "plots")
     ckpt = latest_checkpoint(run)
     model_dir = export_model(run, ckpt) if ckpt else None
-    rows = [
-        json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if line.strip()
-    ]
+    rows = read_metrics(run / METRICS_FILE)
     last = rows[-1] if rows else {}
     return TrainResult(
         run=run, steps=int(last.get("step", 0)), final_loss=last.get("loss"),
         seconds=time.perf_counter() - t0, images_per_s=float(last.get("images_per_s", 0.0)),
         checkpoint=ckpt, model_dir=model_dir,
     )  # fmt: skip
-
-
-class _ProgressTail:
-    """The driver's progress bar: rank 0 appends to metrics.jsonl, a thread here follows it."""
-
-    def __init__(self, path: Path, total: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.stop = threading.Event()
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
-        self.task = self.bar.add_task("train", total=total, info="starting Ray workers…")
-        self.bar.start()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
-
-    def _follow(self) -> None:
-        offset = 0
-        while not self.stop.wait(0.5):
-            if not self.path.is_file():
-                continue
-            with self.path.open() as f:
-                f.seek(offset)
-                lines = f.readlines()
-                offset = f.tell()
-            for line in lines:
-                if not line.endswith("\n"):
-                    offset -= len(line.encode())
-                    break
-                m = json.loads(line)
-                info = f"loss {m['loss']:.4f}  {m['images_per_s']:.0f} img/s  lr {m['lr']:.2e}"
-                self.bar.update(self.task, completed=m["step"], info=info)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stop.set()
-            self.thread.join()
-            self.bar.stop()
 
 
 # --- the worker ---------------------------------------------------------------------------------
@@ -296,9 +246,10 @@ def worker_loop(loop_cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from train.data import build_dataset, drop_invalid, torch_collate
+    from train.data import build_dataset, torch_collate
     from train.losses import compute_loss, select_facets
     from train.model import build_model, lr_at
+    from train.transforms import drop_invalid
 
     cfg = TrainConfig.from_dict(loop_cfg["config"])
     run = Path(loop_cfg["run"])
@@ -309,11 +260,10 @@ def worker_loop(loop_cfg: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = build_model(cfg.model, loop_cfg["text_dim"])
-    # center_text: the cached vectors minus their mean over the cache and the trained facets.
-    # (Subtracting each facet's own mean instead was tried: on the synthetic data it lowered
-    # held-out text->image R@1 from 3-4x chance to chance, so one shared offset it is.)
-    means = loop_cfg.get("facet_means")
-    offset = torch.tensor(means, device=device).mean(dim=0) if means is not None else None
+    if loop_cfg["text_mean"] is not None:
+        # center_text's offset lives in the model (a buffer saved with the weights), so the
+        # export applies exactly what the loss saw here.
+        model.set_text_mean(torch.tensor(loop_cfg["text_mean"]))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
@@ -328,7 +278,7 @@ def worker_loop(loop_cfg: dict) -> None:
     amp = cfg.run.amp and device.type == "cuda"
     warmup = min(cfg.optim.warmup_steps, cfg.steps // 2)
 
-    log = _RankZeroLog(run, enabled=rank == 0, after_step=state["step"])
+    log = MetricsLog(run, enabled=rank == 0, after_step=state["step"])
     plan = ray.get(loop_cfg["plan"])
     data_cfg = _data_config(cfg, train=True)
     per_worker = cfg.batch_size // world
@@ -352,8 +302,6 @@ def worker_loop(loop_cfg: dict) -> None:
             invalid_total += n_invalid
             images = batch["image"].to(device)
             vectors = batch["text"].to(device)
-            if offset is not None:
-                vectors = vectors - offset
 
             # 1. learning rate: warm-up then cosine
             lr = lr_at(step, cfg.steps, warmup, cfg.optim.lr, cfg.optim.min_lr)
@@ -361,9 +309,7 @@ def worker_loop(loop_cfg: dict) -> None:
                 group["lr"] = lr
             # 2. which facets pair with each image this step: a pure function of (seed, step, rank)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-            text_in = select_facets(
-                vectors.cpu(), cfg.loss, cfg.facet_mode, cfg.num_facets, gen
-            ).to(device)
+            text_in = select_facets(vectors, cfg.loss, cfg.facet_mode, cfg.num_facets, gen)
             # 3. forward through DDP, loss over the global batch (all workers' features)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(images, text_in)
@@ -430,37 +376,15 @@ def _maybe_fault(cfg: TrainConfig, run: Path, step: int, rank: int, world: int) 
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _RankZeroLog:
-    """metrics.jsonl (appended, flushed per line) and TensorBoard, on rank 0 only."""
+def render_train(r: TrainResult):
+    """What `facetclip train` prints: a rich table of the finished run."""
+    from rich.table import Table
 
-    def __init__(self, run: Path, enabled: bool, after_step: int = 0):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        path = run / METRICS_FILE
-        if path.is_file():  # a resumed run repeats the steps after its checkpoint: drop them
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= after_step
-            ]
-            path.write_text("".join(line + "\n" for line in keep))
-        self.jsonl = path.open("a")
-        self.tb = SummaryWriter(str(run / "tb"))
-
-    def write(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(metrics) + "\n")
-        self.jsonl.flush()
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and k != "step" and v is not None and math.isfinite(v):
-                self.tb.add_scalar(k, v, metrics["step"])
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
+    t = Table(title=f"train -> {r.run}", show_header=False)
+    t.add_row("steps", str(r.steps))
+    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
+    t.add_row("images/s (last interval)", f"{r.images_per_s:,.0f}")
+    t.add_row("wall time", f"{r.seconds:.0f} s")
+    t.add_row("checkpoint", str(r.checkpoint))
+    t.add_row("exported model", str(r.model_dir))
+    return t

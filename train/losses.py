@@ -23,9 +23,9 @@ from __future__ import annotations
 import difflib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from store.collective import gather_features
 from store.errors import InputError
 
 FACET_MODES = ("sample", "mean")
@@ -133,32 +133,6 @@ def validate_loss_config(
                 f"{num_cached}; set num_facets between 1 and {num_cached}, or use a cache "
                 "with more facets (recipe 'flame' has 11)"
             )
-
-
-# --- global negatives across workers ---------------------------------------------------------
-
-
-def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` [n_r, ...] from every worker along dim 0 → [Σ n_r, ...], keeping the
-    gradient; identity in a single process.
-
-    Workers may hold different row counts (a batch loses its undecodable images): all_gather
-    needs equal shapes, so each worker pads to the largest count and the padding rows are
-    cut out after the gather. Padding never reaches a loss, so it gets no gradient.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, n)
-    counts = [int(c) for c in counts]
-    longest = max(counts)
-    if x.shape[0] < longest:
-        x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-    # torch.distributed.nn's all_gather is autograd-aware (dist.all_gather is not: its
-    # outputs carry no gradient back to the rank that produced them).
-    parts = torch.distributed.nn.functional.all_gather(x.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
 
 
 def compute_loss(

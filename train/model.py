@@ -55,9 +55,10 @@ class ModelConfig:
     loss:         the loss the model trains with; decides the logit scale/bias initialisation.
     logit_scale_init / logit_bias_init: override LOGIT_INIT (log scale; bias) when not None.
     grad_checkpointing: recompute the tower's activations in backward (less memory, ~30% slower).
-    center_text:  the trainer subtracts the cache's mean vector (over rows and trained facets,
-                  train.loop.facet_means) from the cached vectors, and the export keeps it for
-                  inference; ``text_mean`` is a further offset inside the model, zero unless set.
+    center_text:  ``encode_text`` subtracts ``text_mean``, a buffer the trainer sets before the
+                  first step to the cache's mean vector (over rows and trained facets,
+                  train.loop.text_mean); it is saved with the weights, so training, checkpoints
+                  and the export all centre with the same offset.
     """
 
     tower: str = "vit_base_patch16_224"

@@ -201,7 +201,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def build_model(out: Path, cfg: EmbedBenchConfig) -> Path:
     """The untrained small Llama of the benchmark (random weights, trained tokenizer)."""
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     build_tiny_llm(
         out,
@@ -426,8 +426,8 @@ def measure_engines(cfg: EnginesBenchConfig = ENGINES_FULL) -> EnginesBenchResul
     """Time ``run_embed`` with each engine count, alternating the order across repeats."""
     import ray
 
-    from embed.distributed import init_ray
     from embed.pipeline import EmbedConfig, run_embed
+    from store.cluster import init_ray
 
     seconds: dict[int, list[float]] = {n: [] for n in cfg.engines}
     tables: dict[int, pa.Table] = {}

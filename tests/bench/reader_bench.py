@@ -132,8 +132,8 @@ def throughput(p: dict, tmp: Path) -> tuple[list[list[str]], Target, list[str]]:
 def storage(p: dict, tmp: Path) -> tuple[list[list[str]], list[str]]:
     """Bytes per row and the error of each storage dtype, on vectors of a real embed run."""
     from embed.pipeline import EmbedConfig, run_embed
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
     from eval.synth import iter_samples
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
     from store.reader import read_shard
 
     model = tmp / "llm"

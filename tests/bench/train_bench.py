@@ -32,14 +32,14 @@ def run(quick: bool = False) -> Report:
     from embed.hf_engine import HFEngine
     from embed.pipeline import EmbedConfig, run_embed
     from embed.prompts import BUILTIN_RECIPES
-    from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
     from embed.tokenize import PromptTokenizer
     from eval.demo import DEMO_TOWER, DEMO_TOWER_KWARGS
     from eval.synth import encode_jpeg, iter_samples
+    from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
     from store.reader import KeyIndex
-    from train.data import IMAGE_BYTES, DataConfig, decode_batch
     from train.losses import compute_loss, select_facets
     from train.model import ModelConfig, build_model
+    from train.transforms import IMAGE_BYTES, ImageTransform, decode_batch
 
     p = QUICK if quick else FULL
     with tempfile.TemporaryDirectory() as d:
@@ -67,7 +67,7 @@ def run(quick: bool = False) -> Report:
             ModelConfig(tower=DEMO_TOWER, tower_kwargs=dict(DEMO_TOWER_KWARGS)), engine.hidden_size
         )
         optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4)
-        data_cfg = DataConfig(images=tmp, cache=tmp / "cache", image_size=64)
+        transform = ImageTransform(image_size=64)
         gen = torch.Generator().manual_seed(0)
         b = p["batch"]
 
@@ -84,7 +84,7 @@ def run(quick: bool = False) -> Report:
         def step(sel, text_fn) -> float:
             t0 = time.perf_counter()
             batch = decode_batch(
-                {"key": [keys[i] for i in sel], IMAGE_BYTES: [jpegs[i] for i in sel]}, data_cfg
+                {"key": [keys[i] for i in sel], IMAGE_BYTES: [jpegs[i] for i in sel]}, transform
             )
             vectors = text_fn(sel)
             text_in = select_facets(vectors, "mp-sigmoid", "sample", 6, gen)
@@ -107,7 +107,7 @@ def run(quick: bool = False) -> Report:
                 times[which].append(step(sel, text_cached if which == "cached" else text_online))
 
         t0 = time.perf_counter()
-        decode_batch({"key": keys, IMAGE_BYTES: jpegs}, data_cfg)
+        decode_batch({"key": keys, IMAGE_BYTES: jpegs}, transform)
         decode_per_s = len(keys) / (time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -76,16 +75,17 @@ class EvalReport:
 
 
 def run_recipe(run: Path) -> Recipe:
-    """The recipe the run's training vectors were made with (from its cache)."""
-    from train.config import TrainConfig
+    """The recipe the run's training vectors were made with: saved with the exported model
+    (train.export), so eval needs neither the cache nor the run's config."""
+    from train.export import load_meta
 
-    cfg = TrainConfig.from_toml(Path(run) / "config.toml")
-    path = Path(cfg.cache) / "recipe.toml"
-    if not path.is_file():
+    recipe = load_meta(run).get("recipe")
+    if not recipe:
         raise InputError(
-            f"the run's cache {cfg.cache} is gone (no recipe.toml); eval needs its recipe and model"
+            f"the exported model of {run} records no recipe (its cache had none when it was "
+            "exported); export it again from a run whose cache is readable"
         )
-    return Recipe.from_dict(tomllib.loads(path.read_text()))
+    return Recipe.from_dict(recipe)
 
 
 def text_recipe(recipe: Recipe, trained_facets: list[str], query: str) -> tuple[Recipe, list[str]]:

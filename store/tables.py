@@ -1,4 +1,6 @@
-"""Streaming caption readers: the rows stage one embeds, in a fixed order, in bounded memory.
+"""The project's one table reader: streaming rows of captions (or any text columns, such as
+image paths) in a fixed order, in bounded memory. Stage one embeds from it, stage two lists
+image tables through it (store.images), eval reads benchmark tables and JSON lines with it.
 
 Every format is read as a sequence of rows, each a key plus the requested caption columns:
 
@@ -112,7 +114,8 @@ def _suffix_format(name: str, suffixes: dict[str, tuple[str, ...]]) -> str | Non
     return None
 
 
-def _listing(directory: Path) -> list[Path]:
+def listing(directory: Path) -> list[Path]:
+    """Files of a folder in name order, not recursive, without hidden files."""
     return sorted(
         (p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")),
         key=lambda p: p.name,
@@ -143,7 +146,7 @@ def resolve_format(path: Path, format: str = "auto") -> str:
                 f".jsonl, .csv, .tsv or .tar, or set the format explicitly (one of: {known})"
             )
         return fmt
-    kinds = {_suffix_format(p.name, _DIR_SUFFIXES) for p in _listing(path)} - {None}
+    kinds = {_suffix_format(p.name, _DIR_SUFFIXES) for p in listing(path)} - {None}
     if "webdataset" in kinds:
         return "webdataset"  # tars win over img2dataset's per-shard Parquet metadata
     if len(kinds) == 1:
@@ -159,11 +162,18 @@ def resolve_format(path: Path, format: str = "auto") -> str:
     )
 
 
+def table_format(path: Path) -> str | None:
+    """The table format a file's name says (parquet, jsonl, csv, tsv), or None. ``.json`` is
+    not a table here: img2dataset writes ``*_stats.json`` beside its shards."""
+    fmt = _suffix_format(Path(path).name, _DIR_SUFFIXES)
+    return fmt if fmt != "webdataset" else None
+
+
 def _input_files(path: Path, fmt: str) -> list[Path]:
     """The files to read, in their fixed order."""
     if path.is_file():
         return [path]
-    files = [p for p in _listing(path) if p.name.lower().endswith(_DIR_SUFFIXES[fmt])]
+    files = [p for p in listing(path) if p.name.lower().endswith(_DIR_SUFFIXES[fmt])]
     if not files:
         wanted = ", ".join("*" + s for s in _DIR_SUFFIXES[fmt])
         raise InputError(f"no {fmt} files in directory {path} (looked for {wanted})")
@@ -358,7 +368,7 @@ def _jsonl_records(files: list[Path]) -> Iterator[tuple[Path, str, dict]]:
             raise InputError(f"cannot read {file} as JSONL: {e}") from e
 
 
-def _member_key(name: str) -> tuple[str, str] | None:
+def member_key(name: str) -> tuple[str, str] | None:
     """Split a tar member name into (sample key, extension) as webdataset does: the key is the
     path up to the first dot of the base name, the extension everything after it."""
     directory, _, base = name.rpartition("/")
@@ -384,14 +394,14 @@ def _wds_records(files: list[Path], read_txt: bool) -> Iterator[tuple[Path, str,
             with tarfile.open(file, mode="r:") as tar:
                 key, sample = None, None
                 for member in _tar_members(tar):
-                    split = _member_key(member.name) if member.isfile() else None
+                    split = member_key(member.name) if member.isfile() else None
                     if split is None:
                         continue
-                    member_key, ext = split
-                    if member_key != key:
+                    sample_key, ext = split
+                    if sample_key != key:
                         if sample is not None:
                             yield file, f"sample {key!r}", _wds_fields(key, *sample)
-                        key, sample = member_key, [None, None]  # [txt, json fields]
+                        key, sample = sample_key, [None, None]  # [txt, json fields]
                     if ext == "txt" and read_txt:
                         sample[0] = _read_text_member(tar, member, file)
                     elif ext == "json":
@@ -462,6 +472,14 @@ def _record_chunks(
             for name in read:
                 values[name].append(_to_text(record.get(name)))
         yield values
+
+
+def iter_jsonl(file: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of one JSON-lines file (``.gz`` too),
+    streamed; errors name the file and line (invalid UTF-8 or JSON, a line that is not an
+    object)."""
+    for _, position, record in _jsonl_records([Path(file)]):
+        yield int(position.removeprefix("line ")), record
 
 
 # --- public API --------------------------------------------------------------------------------

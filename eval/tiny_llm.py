@@ -5,7 +5,7 @@ synthetic captions of ``eval.synth``.
     facetclip tiny-llm OUT                 # trained (about 4 minutes on 2 CPU cores)
     facetclip tiny-llm OUT --steps 0       # untrained weights, trained tokenizer (seconds)
 
-    >>> from embed.tiny_llm import TinyLLMConfig, build_tiny_llm, probe_facets
+    >>> from eval.tiny_llm import TinyLLMConfig, build_tiny_llm, probe_facets
     >>> build_tiny_llm("tiny", TinyLLMConfig(steps=0))          # doctest: +SKIP
     >>> probe_facets("tiny")                                      # doctest: +SKIP
     {'main_object': 0.52, 'main_characteristic': 0.41, ...}
@@ -54,6 +54,7 @@ from embed.prompts import (
     SHORT_PREFIX,
     clean_caption,
 )
+from eval.synth import iter_samples
 from store.errors import InputError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -168,8 +169,6 @@ class TinyLLMReport:
 
 def _synth_samples(n: int, seed: int, start: int = 0) -> list:
     """``n`` synthetic samples (caption, short_caption, long_caption, answers)."""
-    from eval.synth import iter_samples  # eval/ imports embed/; import late, only when needed
-
     return list(iter_samples(n, seed=seed, start=start))
 
 
@@ -704,3 +703,13 @@ def probe_facets(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     return facet_probe(model, tok, _synth_samples(n, seed, start=start))
+
+
+def render_tiny_llm(r: TinyLLMReport) -> str:
+    """What `facetclip tiny-llm` prints."""
+    lines = [f"wrote model to [bold]{r.out}[/] ({r.n_params:,} parameters, {r.seconds:.0f} s)"]
+    if r.initial_loss is not None:
+        lines.append(
+            f"pre-training loss: {r.initial_loss:.3f} -> {r.final_loss:.3f} over {r.steps} steps"
+        )
+    return "\n".join(lines)

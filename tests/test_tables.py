@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embed.inputs import (
+from store.errors import InputError
+from store.tables import (
     FORMATS,
     CaptionBatch,
     CaptionSource,
@@ -24,7 +25,6 @@ from embed.inputs import (
     iter_keys,
     resolve_format,
 )
-from store.errors import InputError
 
 # Captions that trip naive readers: separators, quotes, a newline, non-ASCII, leading spaces,
 # text that pandas would take for a null, and a missing value.

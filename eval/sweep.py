@@ -49,14 +49,13 @@ import os
 import re
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
 from store.errors import FacetclipError, InputError
-from store.format import dump_toml
+from store.tomlfile import dump_toml, read_toml
 from train.config import TrainConfig
 
 MODES = ("grid", "random")
@@ -98,11 +97,7 @@ class SweepConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> SweepConfig:
-        try:
-            d = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InputError(f"cannot read sweep config {path}: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_toml(path, "sweep config"))
 
     @classmethod
     def from_dict(cls, d: dict) -> SweepConfig:
@@ -140,7 +135,7 @@ class SweepConfig:
     def validate(self) -> None:
         """Checks on the sweep itself; the fields' names and values are checked per trial by
         TrainConfig (``trial_configs``)."""
-        from eval.evaluate import EvalConfig
+        from eval.evaluation import EvalConfig
 
         for name in ("num_samples", "seed", "max_concurrent"):
             value = getattr(self, name)
@@ -380,9 +375,9 @@ def local_cpus(need_cpu: float, cap: int | None) -> int:
 def run_trial(cfg: TrainConfig, evals: dict, params: dict) -> dict:
     """Train (or resume, or skip a finished training), run the evals, write RUN/sweep_result.json;
     returns that record: the trial's params and its final metrics, flat."""
-    from eval.evaluate import EvalConfig, evaluate
-    from train.checkpoint import latest_checkpoint
-    from train.loop import CONFIG_FILE, METRICS_FILE, train
+    from eval.evaluation import EvalConfig, evaluate
+    from store.runs import METRICS_FILE, latest_checkpoint, read_metrics
+    from train.loop import CONFIG_FILE, train
 
     run = Path(cfg.out)
     t0 = time.perf_counter()
@@ -391,9 +386,7 @@ def run_trial(cfg: TrainConfig, evals: dict, params: dict) -> dict:
     if not done:
         resume = (run / CONFIG_FILE).is_file() and latest_checkpoint(run) is not None
         train(cfg, resume=resume, overwrite=not resume, progress=False)
-    rows = [
-        json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines() if line.strip()
-    ]
+    rows = read_metrics(run / METRICS_FILE)
     last = rows[-1] if rows else {}
     metrics = {
         k: v for k, v in last.items() if isinstance(v, int | float) and not isinstance(v, bool)
@@ -439,7 +432,7 @@ class SweepResult:
     files: list[Path]
 
 
-def sweep(
+def run_sweep(
     cfg: SweepConfig, out: str | Path, images: str = "", cache: str = "",
     overwrite: bool = False, progress: bool = True,
 ) -> SweepResult:  # fmt: skip
@@ -635,3 +628,19 @@ def _plot(path: Path, ranked: list[dict], metric: str, goal: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def render_sweep(r: SweepResult, cfg: SweepConfig):
+    """What `facetclip sweep` prints: the leaderboard and a line of totals."""
+    from rich.console import Group
+    from rich.table import Table
+
+    t = Table(title=f"sweep -> {r.out}: {cfg.metric} ({cfg.direction})")
+    for col in ("rank", "trial", cfg.metric):
+        t.add_column(col)
+    for row in r.ranked:
+        value = f"{row['value']:.4f}" if row["rank"] else f"failed: {row.get('error', '')}"
+        t.add_row(str(row["rank"] or "-"), row["name"], value)
+    finished = len(r.ranked) - len(r.ran)
+    return Group(t, f"{len(r.ran)} trial(s) run ({r.concurrency} at a time), {finished} finished "
+                    f"before; {r.seconds:.0f} s. Leaderboard: {', '.join(str(f) for f in r.files)}")  # fmt: skip
