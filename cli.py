@@ -483,7 +483,7 @@ def tune(
     pair: Annotated[
         str | None,
         typer.Option(
-            help="The two caption columns of one image, A=B (default short_caption=long_caption)."
+            help="Two caption columns of one image, A=B (default short_caption=long_caption)."
         ),
     ] = None,
     config: Annotated[
@@ -519,51 +519,32 @@ def tune(
         typer.Option("--set", help="Override any field: --set lora.alpha=16; repeatable."),
     ] = [],  # noqa: B006
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier tune in --out.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOpt = True,
 ) -> None:
     """LLM2CLIP's caption-contrastive LoRA tuning of the LLM: a merged HF model for `embed`.
 
     Example: facetclip tune data/synth/captions.parquet --model models/tiny --out models/tiny-cc
     """
     _quiet_libraries()
-    from embed.tune import TuneConfig, cra_rows
-    from embed.tune import tune as run_tune
+    from embed import TuneConfig, render_tune, run_tune
 
     if resume is not None:
         cfg = TuneConfig(out=str(resume))
     else:
         cfg = TuneConfig.from_toml(config) if config else TuneConfig()
-        top = {"captions": captions, "model": model, "out": out, "steps": steps,
-               "batch_size": batch_size, "bidirectional": bidirectional,
-               "eval_pairs": eval_pairs, "input_format": input_format,
-               "key_column": key_column, "seed": seed}  # fmt: skip
-        for k, v in top.items():
-            if v is not None:
-                setattr(cfg, k, str(v) if isinstance(v, Path) else v)
-        if pair is not None:
-            cfg.pair = [s.strip() for s in pair.split("=")] if "=" in pair else [pair]
-        for section, k, v in (("optim", "lr", lr), ("lora", "r", lora_r), ("run", "workers", workers),
-                              ("run", "gpus_per_worker", gpus_per_worker),
-                              ("run", "ray_address", ray_address)):  # fmt: skip
-            if v is not None:
-                setattr(getattr(cfg, section), k, v)
-        cfg = cfg.override(set_)
+        # Each flag is a dotted field of TuneConfig, set the way --set sets one.
+        flags = {
+            "captions": captions, "model": model, "out": out, "steps": steps,
+            "batch_size": batch_size, "bidirectional": bidirectional, "eval_pairs": eval_pairs,
+            "input_format": input_format, "key_column": key_column, "seed": seed,
+            "optim.lr": lr, "lora.r": lora_r, "run.workers": workers,
+            "run.gpus_per_worker": gpus_per_worker, "run.ray_address": ray_address,
+            "pair": None if pair is None else [c.strip() for c in pair.split("=")],
+        }  # fmt: skip
+        given = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
+        cfg = cfg.assign(given, source="option").override(set_)
     r = run_tune(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
-    t = Table(title=f"tune -> {r.out}", show_header=False)
-    t.add_row("steps", str(r.steps))
-    t.add_row("training pairs", f"{r.pairs:,}")
-    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
-    t.add_row("wall time", f"{r.seconds:.0f} s")
-    t.add_row("fingerprint", f"{r.fingerprint[:23]}… (base {r.base_fingerprint[:23]}…)")
-    console.print(t)
-    if r.cra:
-        c = Table(title=f"caption-retrieval accuracy, {r.cra['pairs']} held-out pairs")
-        for col in ("", "base", "tuned", "chance"):
-            c.add_column(col, justify="left" if not col else "right")
-        for name, base, tuned, chance in cra_rows(r.cra):
-            c.add_row(name, f"{base:.3f}", f"{tuned:.3f}", f"{chance:.3f}")
-        console.print(c)
-        console.print(f"saved: {r.out / 'cra.json'}")
+    console.print(render_tune(r))
 
 
 @app.command()

@@ -1,5 +1,5 @@
 """Stage one: prompts and recipes, token ids, engines (hf, vllm), the embed pipeline, the
-planner. Names load lazily: ``import embed`` imports neither torch nor vLLM."""
+planner, caption-contrastive tuning of the LLM. Names load lazily: ``import embed`` imports neither torch nor vLLM."""
 
 from store.faces import lazy_face
 
@@ -16,5 +16,13 @@ __getattr__, __dir__, __all__ = lazy_face(
         ],
         "embed.plan": ["Plan", "PlanConfig", "make_plan", "render_plan"],
         "embed.prompts": ["BUILTIN_RECIPES", "PromptGroup", "Recipe", "get_recipe"],
+        "embed.tune": [
+            "TuneConfig",
+            "TuneError",
+            "TuneResult",
+            "run_tune",
+            "render_tune",
+            "cpu_miniature",
+        ],
     },
 )

@@ -41,14 +41,14 @@ from pathlib import Path
 import numpy as np
 
 from store.errors import FacetclipError, InputError
-from store.format import dump_toml
+from store.runs import METRICS_FILE
+from store.tomlfile import dump_toml, read_toml
 
 # LLM2CLIP's LoRA targets (papers.md §2): every projection of attention and MLP, Llama names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RUN_DIR = "run"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "config.toml"
-METRICS_FILE = "metrics.jsonl"
 CRA_FILE = "cra.json"
 NAN_FILE = "nan.json"
 FAULT_MARKER = ".fault_injected"
@@ -150,30 +150,36 @@ class TuneConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TuneConfig:
-        try:
-            return cls.from_dict(tomllib.loads(Path(path).read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise InputError(f"cannot read config {path}: {e}") from None
+        return cls.from_dict(read_toml(path, "tune config"))
 
     def override(self, assignments: list[str]) -> TuneConfig:
         """Apply ``--set section.field=value`` (values parsed as TOML, else strings)."""
-        d = self.to_dict()
+        values = {}
         for a in assignments:
             if "=" not in a:
                 raise InputError(f"--set expects FIELD=VALUE (e.g. lora.r=8), got {a!r}")
-            path, raw = (s.strip() for s in a.split("=", 1))
+            path, raw = (x.strip() for x in a.split("=", 1))
             try:
-                value = tomllib.loads(f"v = {raw}")["v"]
+                values[path] = tomllib.loads(f"v = {raw}")["v"]
             except tomllib.TOMLDecodeError:
-                value = raw
+                values[path] = raw
+        return self.assign(values)
+
+    def assign(self, values: dict, source: str = "--set") -> TuneConfig:
+        """A copy with dotted fields set (``{"lora.r": 8}``); an unknown field is an InputError
+        naming it and ``source``."""
+        d = self.to_dict()
+        for path, value in values.items():
             *sections, name = path.split(".")
             node = d
             for s in sections:
                 if not isinstance(node.get(s), dict):
-                    raise InputError(f"--set {path}: {s!r} is not a config section")
+                    raise InputError(f"{source} {path}: {s!r} is not a config section")
                 node = node[s]
             if name not in node:
-                raise InputError(f"--set {path}: unknown field; known: {', '.join(sorted(node))}")
+                raise InputError(
+                    f"{source} {path}: unknown field; known: {', '.join(sorted(node))}"
+                )
             node[name] = value
         return TuneConfig.from_dict(d)
 
@@ -535,7 +541,7 @@ class CaptionPairs:
 def read_pairs(cfg: TuneConfig) -> CaptionPairs:
     """Read the two caption columns through stage one's readers; a row missing either caption
     is skipped (counted); ``cfg.eval_pairs`` seeded-random pairs are held out."""
-    from embed.inputs import CaptionSource, available_columns, iter_caption_batches
+    from store.tables import CaptionSource, available_columns, iter_caption_batches
 
     source = CaptionSource(Path(cfg.captions), cfg.input_format, cfg.key_column)
     found = available_columns(source)
@@ -632,7 +638,7 @@ def total_steps(cfg: TuneConfig, n_train: int) -> int:
     return cfg.steps or max(1, n_train // cfg.batch_size)
 
 
-def tune(
+def run_tune(
     cfg: TuneConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> TuneResult:
     """Run (or resume) a caption-contrastive tune; returns when the merged model is written."""
@@ -640,8 +646,8 @@ def tune(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    # TODO(issue 11): store.cluster.init_ray / store.runs once they land on main.
-    from embed.distributed import init_ray
+    from store.cluster import init_ray
+    from store.runs import ProgressTail, latest_checkpoint, plot_metrics, read_metrics
 
     t0 = time.perf_counter()
     cfg, model_path, pairs = prepare_run(cfg, resume=resume, overwrite=overwrite)
@@ -671,7 +677,7 @@ def tune(
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         ),
     )
-    bar = _TuneProgress(run / METRICS_FILE, steps, enabled=progress)
+    bar = ProgressTail(run / METRICS_FILE, steps, progress, label="tune", info=_progress_info)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
@@ -688,16 +694,13 @@ def tune(
             f"loss became {info['loss']} at step {info['step']}; tuning stopped. Try a lower optim.lr "
             f"or more optim.warmup_steps, then --resume {out}."
         )
-    from train.checkpoint import latest_checkpoint  # TODO(issue 11): store.runs
-    from train.plots import plot_metrics  # TODO(issue 11): store.runs
-
-    plot_metrics(run / METRICS_FILE, run / "plots")
+    plot_metrics(run / METRICS_FILE, run / "plots", keys=PLOTTED)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise TuneError(f"the run in {run} has no checkpoint; continue with --resume {out}")
     fingerprints = export_tuned(cfg, model_path, ckpt, out)
     cra = _collect_cra(cfg, run, out, pairs)
-    rows = [json.loads(x) for x in (run / METRICS_FILE).read_text().splitlines() if x.strip()]
+    rows = read_metrics(run / METRICS_FILE)
     last = rows[-1] if rows else {}
     return TuneResult(
         out=out, steps=int(last.get("step", 0)), final_loss=last.get("loss"),
@@ -773,58 +776,33 @@ def cra_rows(cra: dict) -> list[tuple[str, float, float, float]]:
     return rows
 
 
-class _TuneProgress:
-    """The driver's progress bar over run/metrics.jsonl.
+PLOTTED = (("loss", "caption-contrastive loss"), ("accuracy", "in-batch top-1, query -> positive"),
+           ("lr", "learning rate"))  # fmt: skip
 
-    TODO(issue 11): store.runs.ProgressTail replaces this once it lands; today's
-    train.loop._ProgressTail formats ``images_per_s``, a key tune does not write."""
 
-    def __init__(self, path: Path, total: int, enabled: bool):
-        import threading
+def _progress_info(m: dict) -> str:
+    return f"loss {m['loss']:.4f}  acc {m['accuracy']:.2f}  {m['pairs_per_s']:.0f} pairs/s"
 
-        self.path, self.enabled = path, enabled
-        self.stop = threading.Event()
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
 
-        self.bar = Progress(TextColumn("[bold]tune"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
-        self.task = self.bar.add_task("tune", total=total, info="starting Ray workers…")
-        self.bar.start()
-        self.thread = threading.Thread(target=self._follow, daemon=True)
-        self.thread.start()
+def render_tune(r: TuneResult):
+    """What `facetclip tune` prints: the run, then CRA of base and tuned beside chance."""
+    from rich.console import Group
+    from rich.table import Table
 
-    def _follow(self) -> None:
-        offset = 0
-        while not self.stop.wait(0.5):
-            if not self.path.is_file():
-                continue
-            with self.path.open() as f:
-                f.seek(offset)
-                lines = f.readlines()
-                offset = f.tell()
-            for line in lines:
-                if not line.endswith("\n"):
-                    offset -= len(line.encode())
-                    break
-                m = json.loads(line)
-                info = (
-                    f"loss {m['loss']:.4f}  acc {m['accuracy']:.2f}  {m['pairs_per_s']:.0f} pairs/s"
-                )
-                self.bar.update(self.task, completed=m["step"], info=info)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stop.set()
-            self.thread.join()
-            self.bar.stop()
+    t = Table(title=f"tune -> {r.out}", show_header=False)
+    t.add_row("steps", str(r.steps))
+    t.add_row("training pairs", f"{r.pairs:,}")
+    t.add_row("final loss", f"{r.final_loss:.4f}" if r.final_loss is not None else "-")
+    t.add_row("wall time", f"{r.seconds:.0f} s")
+    t.add_row("fingerprint", f"{r.fingerprint[:23]}… (base {r.base_fingerprint[:23]}…)")
+    if not r.cra:
+        return t
+    c = Table(title=f"caption-retrieval accuracy, {r.cra['pairs']} held-out pairs")
+    for col in ("", "base", "tuned", "chance"):
+        c.add_column(col, justify="right" if col else "left")
+    for name, base, tuned, chance in cra_rows(r.cra):
+        c.add_row(name, f"{base:.3f}", f"{tuned:.3f}", f"{chance:.3f}")
+    return Group(t, c, f"saved: {r.out / CRA_FILE}")
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -840,11 +818,8 @@ def worker_loop(loop_cfg: dict) -> None:
 
     from embed.prompts import get_recipe
     from embed.tokenize import PromptTokenizer
-
-    # TODO(issue 11): store.runs / store.collective once they land on main.
-    from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from train.loop import _RankZeroLog as MetricsLog
-    from train.losses import gather_features
+    from store.collective import gather_features
+    from store.runs import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
 
     cfg = TuneConfig.from_dict(loop_cfg["config"])
     run, steps = Path(loop_cfg["run"]), loop_cfg["steps"]

@@ -27,8 +27,8 @@ from embed.tune import (
     caption_contrastive_loss,
     length_groups,
     retrieval_accuracy,
+    run_tune,
     step_batch,
-    tune,
 )
 
 
@@ -47,7 +47,7 @@ def _config(captions, model, out, **over) -> TuneConfig:
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, synth_data, tiny_model, ray_session):
     out = tmp_path_factory.mktemp("tune") / "tuned"
-    result = tune(_config(synth_data / "captions.parquet", tiny_model, out), progress=False)
+    result = run_tune(_config(synth_data / "captions.parquet", tiny_model, out), progress=False)
     return out, result
 
 
@@ -79,7 +79,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
     """One of two gloo processes: half the batch, gathered negatives, averaged gradients."""
     import torch.distributed as dist
 
-    from train.losses import gather_features  # TODO(issue 11): store.collective
+    from store.collective import gather_features
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -303,13 +303,13 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model, synth_data,
     captions = synth_data / "captions.parquet"
     # the worker SIGKILLs itself after the checkpoint of step 2, and may not be restarted...
     with pytest.raises(TuneError, match="--resume"):
-        tune(
+        run_tune(
             _config(captions, tiny_model, broken, run__fault_step=3, run__max_failures=0),
             progress=False,
         )
     assert not (broken / "config.json").exists()
     # ...so `--resume` continues it from step 2
-    tune(TuneConfig(out=str(broken)), resume=True, progress=False)
+    run_tune(TuneConfig(out=str(broken)), resume=True, progress=False)
     a = load_file(uninterrupted / ADAPTER_DIR / "adapter_model.safetensors")
     b = load_file(broken / ADAPTER_DIR / "adapter_model.safetensors")
     assert a.keys() == b.keys()

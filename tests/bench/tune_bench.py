@@ -33,7 +33,7 @@ def run(
     seed: int = 0,
     out: str | None = None,
 ) -> Report:
-    from embed.tune import cpu_miniature, cra_rows, tune
+    from embed.tune import cpu_miniature, cra_rows, run_tune
 
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as tmp:
         root = Path(tmp)
@@ -45,7 +45,7 @@ def run(
             captions = str(root / "synth" / "captions.parquet")
             notes.append("data: facetclip synth --n 2000 --seed 0 (the demo's)")
         if model is None:
-            from embed.tiny_llm import TinyLLMConfig, build_tiny_llm
+            from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
             t0 = time.perf_counter()
             build_tiny_llm(root / "tiny", TinyLLMConfig(), progress=False)
@@ -54,7 +54,7 @@ def run(
                 f"model: facetclip tiny-llm defaults, built in {time.perf_counter() - t0:.0f} s"
             )
         cfg = cpu_miniature(captions, model, out or str(root / "tuned"), seed=seed)
-        result = tune(cfg, overwrite=True, progress=False)
+        result = run_tune(cfg, overwrite=True, progress=False)
         metrics = (result.out / "run" / "metrics.jsonl").read_text().splitlines()
         cpu = json.loads(metrics[-1])["worker_cpu_s"]
 
