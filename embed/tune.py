@@ -606,7 +606,6 @@ def _tune_config_of(out: Path) -> TuneConfig:
 def prepare_run(cfg: TuneConfig, resume: bool = False, overwrite: bool = False):
     """Every check that needs no Ray; returns (config, model path, pairs)."""
     from embed.engine import inspect_model
-    from embed.tokenize import PromptTokenizer  # noqa: F401  (fail here if the stack is absent)
 
     out = Path(cfg.out)
     if resume:
@@ -626,6 +625,10 @@ def prepare_run(cfg: TuneConfig, resume: bool = False, overwrite: bool = False):
             )
         shutil.rmtree(out)
     check_lora_targets(info.path, cfg.lora)
+    # absolute paths in run/config.toml, so --resume works from any directory
+    if Path(cfg.model).expanduser().exists():
+        cfg.model = str(Path(info.path).resolve())
+    cfg.captions = str(Path(cfg.captions).resolve())
     pairs = read_pairs(cfg)
     run = out / RUN_DIR
     run.mkdir(parents=True, exist_ok=True)
@@ -952,12 +955,17 @@ def _maybe_fault(cfg: TuneConfig, run: Path, step: int, rank: int, world: int) -
 
 
 def cpu_miniature(captions: str, model: str, out: str, seed: int = 0) -> TuneConfig:
-    """The settings for the demo's tiny LM on CPU (``facetclip demo`` and tests/bench's
-    ``tune`` use them): LLM2CLIP's recipe (LoRA r 16 / alpha 32 / dropout 0.05 on all
-    projections, cosine x 50, causal attention, mean pooling) with a batch, a step count and
-    a learning rate sized for a 1M-parameter model and a few CPU minutes."""
+    """The settings for the demo's tiny LM on CPU (what ``facetclip demo`` and tests/bench's
+    ``tune`` run): LLM2CLIP's recipe (LoRA r 16 / alpha 32 / dropout 0.05 on all projections,
+    cosine x 50, causal attention, mean pooling), with a batch, a step count and a learning
+    rate sized for a 1M-parameter model and minutes of one CPU core.
+
+    Chosen on a validation split carved from the training pairs, never on the held-out pairs:
+    at batch 32, lr 1e-3 and 2e-3 learned slowly, 1e-2 and 3e-3 with a 5-20 step warm-up
+    collapsed every caption onto one vector (loss stuck at ln 32), lr 4e-3 with 75 warm-up
+    steps learned fastest in 300 steps."""
     cfg = TuneConfig(captions=str(captions), model=str(model), out=str(out), seed=seed,
-                     steps=150, batch_size=64, eval_pairs=500)  # fmt: skip
-    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 15
-    cfg.run.log_every, cfg.run.checkpoint_every = 10, 50
+                     steps=300, batch_size=32, eval_pairs=500)  # fmt: skip
+    cfg.optim.lr, cfg.optim.warmup_steps = 4e-3, 75
+    cfg.run.log_every, cfg.run.checkpoint_every = 10, 100
     return cfg
