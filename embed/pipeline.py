@@ -23,8 +23,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from embed.engine import Engine, EngineConfig, inspect_model, make_engine, model_fingerprint
-from embed.prompts import Recipe, get_recipe
+from embed.engine import (
+    Engine,
+    EngineConfig,
+    inspect_model,
+    make_engine,
+    model_fingerprint,
+    pick_engine,
+)
+from embed.prompts import PFORMER_POOLINGS, Recipe, get_recipe
 from embed.tokenize import PromptTokenizer
 from store.cache import SKIPPED_SCHEMA, Cache, StagedShard
 from store.errors import FacetclipError, InputError
@@ -96,6 +103,7 @@ class EmbedSummary:
     engines: int = 1
     engine_failures: int = 0  # engine actors that died and were replaced (engines > 1)
     seconds: float = 0.0
+    engine: str = ""  # the engine that ran and why (--engine auto says what it picked)
 
     def add(self, stats: ShardStats) -> None:
         self.rows += stats.rows
@@ -281,12 +289,17 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
             "fix the input or pass --on-duplicate keep-first"
         )
 
-    info = inspect_model(cfg.model)
-    recipe = replace(
-        recipe,
-        model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
-        model_fingerprint=model_fingerprint(info.path),
-    )
+    if recipe.pooling in PFORMER_POOLINGS:  # the "model" is a P-Former predictor
+        from embed.pformer_engine import pformer_recipe
+
+        recipe, info = pformer_recipe(recipe, cfg.model)
+    else:
+        info = inspect_model(cfg.model)
+        recipe = replace(
+            recipe,
+            model=str(info.path) if Path(cfg.model).expanduser().exists() else cfg.model,
+            model_fingerprint=model_fingerprint(info.path),
+        )
     text_columns = recipe.columns if cfg.store_text else []
     layout = layout_metadata(recipe.vector_names, info.hidden_size, recipe.dtype, text_columns)
     shard_rows = cfg.shard_rows
@@ -301,15 +314,21 @@ def plan_embed(cfg: EmbedConfig) -> EmbedPlan:
         "path": str(Path(cfg.captions).resolve()),
         "format": resolve_format(source.path, source.format),
     }
-    cache = Cache.create(
-        cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem
-    )
     schema = shard_schema(
         recipe.vector_names, info.hidden_size, recipe.dtype, text_columns, recipe.columns
     )
     total = count_rows(source)
     if cfg.limit is not None:
         total = cfg.limit if total is None else min(total, cfg.limit)
+    # Last: this takes the cache's writer lock, which the caller releases (run_embed).
+    cache = Cache.create(
+        cfg.out, recipe.to_dict(), layout, shard_rows, input_info, cfg.out_filesystem,
+        writer=f"facetclip embed {cfg.captions} --out {cfg.out}",
+    )  # fmt: skip
+    if recipe.pooling in PFORMER_POOLINGS:
+        from embed.pformer_engine import write_cache_head
+
+        write_cache_head(cache, recipe, Path(info.path))
     return EmbedPlan(
         cfg, recipe, source, cache, schema, duplicates, shard_rows, total, Path(info.path)
     )
@@ -324,14 +343,22 @@ def run_embed(
     (``engine`` must then be None); otherwise everything runs in this process."""
     t0 = time.perf_counter()
     plan = plan_embed(cfg)
+    try:
+        summary = _run_plan(plan, progress, engine)
+    finally:
+        plan.cache.unlock()  # the writer lock plan_embed took: held for the whole run
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_plan(plan: EmbedPlan, progress: bool, engine: Engine | None) -> EmbedSummary:
+    cfg = plan.cfg
     if cfg.engines > 1 or cfg.ray_address:
         if engine is not None:
             raise ValueError("an engine object cannot be shared by several Ray actors")
         from embed.distributed import run_distributed
 
-        summary = run_distributed(plan, progress)
-        summary.seconds = time.perf_counter() - t0
-        return summary
+        return run_distributed(plan, progress)
 
     from transformers import AutoTokenizer
 
@@ -345,6 +372,8 @@ def run_embed(
         for index, shard in plan.todo(summary, bar):
             if engine is None:  # loaded only when there is work: a finished cache never loads it
                 engine = make_engine(cfg.engine, engine_config(cfg, recipe))
+                summary.engine = describe_engine(cfg, recipe)
+            summary.engine = summary.engine or getattr(engine, "name", type(engine).__name__)
             embedder = embedder or ShardEmbedder(
                 recipe, tokenizer, engine, plan.schema, plan.duplicates, cfg.batch_rows
             )
@@ -356,8 +385,13 @@ def run_embed(
         bar.close()
         if own_engine and engine is not None and hasattr(engine, "close"):
             engine.close()  # frees the GPU (and vLLM's truncated-weights copy)
-    summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def describe_engine(cfg: EmbedConfig, recipe: Recipe) -> str:
+    """What ``--engine`` ran and why, e.g. "hf (auto: the hf engine on the CPU ...)"."""
+    kind, why = pick_engine(cfg.engine, cfg.device, recipe.pooling)
+    return kind if cfg.engine != "auto" else f"{kind} ({why})"
 
 
 def _maybe_fault(shards_written: int) -> None:
@@ -512,6 +546,7 @@ def render_embed(s: EmbedSummary):
     from rich.table import Table
 
     t = Table(title=f"embed -> {s.out}", show_header=False)
+    t.add_row("engine", s.engine or "none loaded (nothing to embed)")
     t.add_row("rows embedded", f"{s.rows:,}")
     t.add_row("rows from earlier runs", f"{s.rows_reused:,} ({s.shards_reused} shards)")
     t.add_row("shards written", str(s.shards_written))

@@ -40,7 +40,7 @@ from pathlib import Path
 from embed.engine import check_layer, inspect_model
 from embed.packing import PromptIds
 from embed.pipeline import recipe_with_overrides, skip_reason
-from embed.prompts import DTYPES, Recipe
+from embed.prompts import DTYPES, PFORMER_POOLINGS, Recipe
 from embed.tokenize import EncodedCaption, PromptTokenizer
 from store.errors import InputError
 from store.tables import CaptionSource, available_columns, count_rows, iter_caption_batches
@@ -340,6 +340,9 @@ class Plan:
     gpu_hours: float
     gpu_hours_naive: float
     cache_bytes: dict[str, int]
+    # pformer recipes: bytes per row of both cache forms, and of the head a compact cache
+    # keeps once (embed.pformer_engine.prompt_cache_bytes)
+    prompt_forms: dict[str, int] = field(default_factory=dict)
 
     @property
     def wall_hours(self) -> float:
@@ -368,6 +371,10 @@ def make_plan(cfg: PlanConfig) -> Plan:
             "Map recipe columns with --column RECIPE_COLUMN=INPUT_COLUMN and the key with --key-column"
         )
 
+    if recipe.pooling in PFORMER_POOLINGS:  # the model is a P-Former predictor
+        from embed.pformer_engine import plan_pformer
+
+        return plan_pformer(cfg, recipe, source)
     info = inspect_model(cfg.model, weights=False)  # config.json + tokenizer are enough
     from transformers import AutoConfig, AutoTokenizer
 
@@ -500,4 +507,6 @@ def render_plan(p: Plan):
         table.add_row(
             f"cache, {dtype}", f"{human(n, 'B')} ({n / max(1, t.embedded):,.0f} B per row)"
         )
+    for form, n in p.prompt_forms.items():  # pformer recipes: both cache forms
+        table.add_row(form, f"{n:,} B" + ("" if "once" in form else " per row"))
     return table

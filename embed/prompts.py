@@ -45,7 +45,11 @@ SHORT_FACETS: dict[str, str] = {
 # The single "raw" prompt (used for alt-text, zero-shot class prompts and multilingual queries).
 RAW_FACETS: dict[str, str] = {"raw": LONG_FACETS["description"]}
 
-POOLINGS = ("last", "mean")
+# "pformer": the N prompt vectors a P-Former predictor makes of a caption (papers.md §3);
+# "pformer-code": its pooled code only (the compact form; the head that expands it is kept in
+# the cache, store.prompts). Both are computed by embed.pformer_engine, not by an LLM.
+PFORMER_POOLINGS = ("pformer", "pformer-code")
+POOLINGS = ("last", "mean", *PFORMER_POOLINGS)
 CLEANUPS = ("flame", "none")
 DTYPES = ("float16", "float32", "int8")
 
@@ -108,6 +112,8 @@ class Recipe:
     # Filled in by `embed` from the model actually loaded.
     model: str = ""
     model_fingerprint: str = ""
+    # pformer poolings: prompt vectors per caption, filled in by `embed` from the predictor.
+    prompts: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,6 +139,18 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: max_caption_tokens must be in 1..1000000")
         if not self.groups:
             raise RecipeError(f"recipe {self.name!r}: needs at least one prompt group")
+        if self.pooling in PFORMER_POOLINGS:
+            g = self.groups[0]
+            if len(self.groups) != 1 or g.facets or g.prefix or g.suffix:
+                raise RecipeError(
+                    f"recipe {self.name!r}: a {self.pooling} recipe has one prompt group with a "
+                    "column only (no prefix, suffix or facets): the predictor reads the bare caption"
+                )
+            if self.normalize:
+                raise RecipeError(
+                    f"recipe {self.name!r}: prompt vectors are inputs of the LLM, not directions; "
+                    "set normalize = false"
+                )
         for g in self.groups:
             if self.pooling == "last" and not g.facets:
                 raise RecipeError(
@@ -150,6 +168,11 @@ class Recipe:
     @property
     def vector_names(self) -> list[str]:
         """Names of the vectors stored per row, in order (one cache column each)."""
+        if self.pooling == "pformer":
+            width = max(2, len(str(self.prompts - 1)))
+            return [f"prompt_{i:0{width}d}" for i in range(self.prompts)]
+        if self.pooling == "pformer-code":
+            return ["code"]
         return [n for g in self.groups for n in g.vector_names(self.pooling)]
 
     @property
@@ -166,6 +189,10 @@ class Recipe:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["groups"] = [asdict(g) for g in self.groups]
+        if self.pooling not in PFORMER_POOLINGS:
+            # Caches made before the pformer recipes existed have no such field; omitting it
+            # keeps their recipe.toml equal to what this version writes, so they still resume.
+            del d["prompts"]
         return d
 
     def to_toml(self) -> str:
@@ -216,6 +243,25 @@ BUILTIN_RECIPES: dict[str, Recipe] = {
         pooling="mean",
         cleanup="none",
         max_caption_tokens=512,
+    ),
+    # P-Former (papers.md §3): per caption, the N prompt vectors a trained predictor
+    # (`facetclip pformer`) makes of it, in the LLM's input-embedding space; `--model` is the
+    # predictor. Clean-up and truncation are the predictor's own (filled in by `embed`).
+    "pformer": Recipe(
+        name="pformer",
+        groups=(PromptGroup(column="long_caption"),),
+        pooling="pformer",
+        cleanup="none",
+        normalize=False,
+    ),
+    # The compact form: the predictor's pooled code per caption (width of its encoder), and
+    # the small head that expands it to the N prompts stored once in the cache.
+    "pformer-code": Recipe(
+        name="pformer-code",
+        groups=(PromptGroup(column="long_caption"),),
+        pooling="pformer-code",
+        cleanup="none",
+        normalize=False,
     ),
 }
 

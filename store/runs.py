@@ -167,18 +167,24 @@ class ProgressTail:
     def _follow(self) -> None:
         offset = 0
         while not self.stop.wait(0.5):
-            if not self.path.is_file():
+            try:
+                if self.path.stat().st_size < offset:
+                    offset = 0  # a resumed run rewrote the log shorter (MetricsLog): start over
+                with self.path.open("rb") as f:
+                    f.seek(offset)
+                    lines = f.readlines()
+                    offset = f.tell()
+            except OSError:
                 continue
-            with self.path.open() as f:
-                f.seek(offset)
-                lines = f.readlines()
-                offset = f.tell()
             for line in lines:
-                if not line.endswith("\n"):  # rank 0 is mid-write: read it again next time
-                    offset -= len(line.encode())
+                if not line.endswith(b"\n"):  # rank 0 is mid-write: read it again next time
+                    offset -= len(line)
                     break
-                m = json.loads(line)
-                self.bar.update(completed=m["step"], info=self.info(m))
+                try:
+                    m = json.loads(line)
+                    self.bar.update(completed=m["step"], info=self.info(m))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line the bar cannot show must never stop the bar
 
     def close(self) -> None:
         if self.enabled:

@@ -29,6 +29,10 @@ Confinement. A query may read the cache and nothing else, and may write nothing:
    replacement scan), ``autoinstall/autoload_known_extensions = false``,
    ``allow_community_extensions = false``, then ``lock_configuration = true`` so no later
    statement can undo any of it.
+3. Spilling: a query bigger than memory spills to ``temp_directory``, which DuckDB otherwise
+   puts at ``./.tmp`` (the user's working directory), outside any sandbox. Each connection
+   gets a private folder instead (``mkdtemp``: mode 0700, under ``$TMPDIR``), removed with the
+   connection; the setting is locked with the rest.
 
 Results come back as a pyarrow Table; ``write_result`` writes them as csv / JSON Lines /
 Parquet with our own code (not DuckDB's COPY), so ``--output`` can go anywhere while queries
@@ -87,7 +91,10 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
+import weakref
 from pathlib import Path
 from typing import IO
 
@@ -216,9 +223,11 @@ def _skipped_view(cache: Cache) -> str:
     )
 
 
-def connect(cache_path: str | Path) -> duckdb.DuckDBPyConnection:
+def connect(cache_path: str | Path, memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``embeddings`` and ``skipped`` over a cache,
-    confined to reading that cache (see the module docstring).
+    confined to reading that cache (see the module docstring). ``memory_limit`` (e.g.
+    ``"2GB"``; default DuckDB's 80% of RAM) bounds memory; past it, queries spill to the
+    connection's private temp folder.
 
     The confinement of files and settings is DuckDB's own; the read-only statement check is
     not — pass queries through ``check_read_only`` (``run_query`` does).
@@ -232,10 +241,16 @@ def connect(cache_path: str | Path) -> duckdb.DuckDBPyConnection:
     root = cache.root.resolve()
     cache = Cache(root, cache.recipe, cache.manifest)
     con = duckdb.connect(":memory:")
+    spill = tempfile.mkdtemp(prefix="facetclip-sql-")
+    weakref.finalize(con, shutil.rmtree, spill, ignore_errors=True)  # gone with the connection
+    limit = [f"SET memory_limit = {_literal(memory_limit)}"] if memory_limit else []
     try:
         con.execute(f"CREATE VIEW embeddings AS {_embeddings_view(cache)}")
         con.execute(f"CREATE VIEW skipped AS {_skipped_view(cache)}")
         for setting in (
+            # Before external access is disabled, which forbids changing it.
+            f"SET temp_directory = {_literal(spill)}",
+            *limit,
             f"SET allowed_directories = [{_literal(str(root) + os.sep)}]",
             "SET enable_external_access = false",
             "SET autoinstall_known_extensions = false",

@@ -1,6 +1,7 @@
 """The hf engine against the definition: a plain transformers forward pass of each standalone
-sequence ``BOS + prefix + caption + suffix + facet_k`` (DESIGN.md), token ids built here
-independently of embed.tokenize."""
+sequence ``BOS + prefix + caption + suffix + facet_k`` (DESIGN.md), whose ids are the
+tokenizer's own ids of that whole string (README, "How stage one computes a facet
+embedding"), built here independently of embed.tokenize."""
 
 from __future__ import annotations
 
@@ -31,24 +32,36 @@ def reference(tiny_model):
     return model, AutoTokenizer.from_pretrained(tiny_model)
 
 
+def prompt_ids(
+    tok, prefix: str, caption: str, suffix: str, limit: int
+) -> tuple[list[int], list[int]]:
+    """(ids of ``prefix + caption + suffix`` with BOS, positions of the caption's tokens); a
+    caption of more than ``limit`` tokens is cut after its limit-th token, then tokenised
+    again with its prompt."""
+    enc = tok(prefix + caption + suffix, add_special_tokens=False, return_offsets_mapping=True)
+    start, end = len(prefix), len(prefix) + len(caption)
+    inside = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > start and s < end]
+    if len(inside) > limit:
+        cut = enc["offset_mapping"][inside[limit - 1]][1] - start
+        return prompt_ids(tok, prefix, caption[: min(cut, len(caption) - 1)], suffix, limit)
+    return [tok.bos_token_id] + enc["input_ids"], [1 + i for i in inside]
+
+
 def reference_vectors(reference, recipe, rows, layer):
     """One forward pass per standalone sequence; the chosen layer after the final norm."""
     model, tok = reference
     n_layers = model.config.num_hidden_layers
-
-    def ids(text):
-        return tok(text, add_special_tokens=False)["input_ids"] if text else []
-
     out = []
     for row in rows:
         for g in recipe.groups:
-            cap = ids(clean_caption(row[g.column], recipe.cleanup))[: recipe.max_caption_tokens]
-            context = [tok.bos_token_id] + ids(g.prefix) + cap + ids(g.suffix)
-            seqs = (
-                [context + ids(f) for f in g.facets.values()]
-                if recipe.pooling == "last"
-                else [context]
-            )
+            caption = clean_caption(row[g.column], recipe.cleanup)
+            limit = recipe.max_caption_tokens
+            if recipe.pooling == "last":
+                seqs = [prompt_ids(tok, g.prefix, caption, g.suffix + f, limit)[0]
+                        for f in g.facets.values()]  # fmt: skip
+            else:
+                seq, positions = prompt_ids(tok, g.prefix, caption, g.suffix, limit)
+                seqs = [seq]
             for seq in seqs:
                 with torch.no_grad():
                     hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
@@ -59,8 +72,7 @@ def reference_vectors(reference, recipe, rows, layer):
                 if recipe.pooling == "last":
                     out.append(h[-1].numpy())
                 else:
-                    start = 1 + len(ids(g.prefix))
-                    out.append(h[start : start + len(cap)].mean(0).numpy())
+                    out.append(h[positions].mean(0).numpy())
     return np.stack(out)
 
 

@@ -70,7 +70,7 @@ def test_token_counts_are_the_engines_own(captions, tiny_model, embedded, whole)
     assert whole.sample.packed == summary.tokens == sum(it.packed_length for it in items)
 
     # Naive: every facet's standalone sequence BOS + prefix + caption + suffix + facet,
-    # tokenised here piece by piece, straight from the recipe's strings.
+    # tokenised here as one string, straight from the recipe's strings.
     def ids(text):
         return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -79,8 +79,7 @@ def test_token_counts_are_the_engines_own(captions, tiny_model, embedded, whole)
         for g in recipe.groups:
             caption = r[g.column].strip()
             caption = (caption if caption[-1] in ".?\"'" else caption + ".").replace('"', "'")
-            context = 1 + len(ids(g.prefix)) + len(ids(caption)) + len(ids(g.suffix))
-            naive += sum(context + len(ids(f)) for f in g.facets.values())
+            naive += sum(1 + len(ids(g.prefix + caption + g.suffix + f)) for f in g.facets.values())
     assert whole.sample.naive == naive
     assert naive > 3 * whole.sample.packed  # 11 facets: packing saves most of the tokens
     print(f"\ntokens on {len(frame)} synthetic captions: packed {summary.tokens}, naive {naive}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -230,6 +231,47 @@ def test_duckdb_itself_confines_the_connection(caches):
     # reading anything inside the cache is fine
     recipe = con.sql(f"SELECT content FROM read_text('{cache.resolve()}/recipe.toml')").fetchall()
     assert "flame-long" in recipe[0][0]
+
+
+def test_spilling_stays_in_a_private_temp_folder(caches, tmp_path, monkeypatch):
+    """A query bigger than memory spills into the connection's own 0700 folder, not DuckDB's
+    default ./.tmp; the folder goes with the connection and the setting is locked."""
+    import gc
+    import tempfile
+    import threading
+
+    cache = caches["float16"]
+    monkeypatch.chdir(tmp_path)  # where DuckDB's default temp_directory (./.tmp) would land
+    before = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    con = connect(cache, memory_limit="100MB")
+    spill = Path(con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0])
+    assert spill.parent == Path(tempfile.gettempdir()) and spill.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(duckdb.InvalidInputException, match="locked"):
+        con.execute(f"SET temp_directory = '{tmp_path}'")
+
+    seen, done = set(), threading.Event()
+
+    def watch() -> None:  # DuckDB deletes its spill files when the query ends: look meanwhile
+        while not done.is_set():
+            seen.update(os.listdir(spill))
+            done.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        q = ("SELECT count(*) AS n, count(DISTINCT r) AS d FROM (SELECT i, random() AS r, "
+             "repeat('x', 60) AS s FROM range(2500000) t(i) ORDER BY r)")  # fmt: skip
+        result = run_query(cache, q, con=con)
+    finally:
+        done.set()
+        watcher.join()
+    assert result["n"].to_pylist() == [2_500_000]
+    assert any(name.endswith(".tmp") for name in seen), seen  # it did spill, and only here
+    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == before
+    del con
+    gc.collect()
+    assert not spill.exists()
 
 
 @pytest.mark.parametrize(

@@ -269,3 +269,313 @@ def test_not_a_cache_or_unreadable_manifest(tmp_path, cache):
     m.unlink()
     with pytest.raises(CacheError, match="missing manifest.json"):
         verify_cache(cache)
+
+
+# --- damage that keeps every file valid Parquet and reseals the manifest --------------------
+#
+# Each case rewrites one shard (or the manifest) as a writer would and records the new size and
+# sha256 (``rewrite_shard``), so only the content checks can see it. The expected rows are the
+# rows the damage touched; the reference is the damage itself, not verify's output.
+
+FACET = "main_object"
+
+
+def vectors(t: pa.Table, name: str) -> np.ndarray:
+    """[N, D] stored values of a vector column (float16 / float32 / int8 q), a writable copy."""
+    col = t.column(name).combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1).copy()
+
+
+def with_vectors(t: pa.Table, name: str, v: np.ndarray) -> pa.Table:
+    i = t.schema.get_field_index(name)
+    f = t.schema.field(i)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), type=f.type)
+    return t.set_column(i, f, arr)
+
+
+def with_column(t: pa.Table, name: str, values) -> pa.Table:
+    i = t.schema.get_field_index(name)
+    f = t.schema.field(i)
+    return t.set_column(i, f, pa.array(values, f.type))
+
+
+def edit_vectors(name: str, rows, fn):
+    """A damage: ``fn`` applied to the stored values of ``rows`` of vector ``name``."""
+
+    def damage(t: pa.Table) -> pa.Table:
+        v = vectors(t, name)
+        idx = np.arange(t.num_rows) if rows is None else np.array(rows)
+        v[idx] = fn(v[idx])
+        return with_vectors(t, name, v)
+
+    return damage
+
+
+def edit_column(name: str, row: int, fn):
+    def damage(t: pa.Table) -> pa.Table:
+        values = t.column(name).to_pylist()
+        values[row] = fn(values[row], t)
+        return with_column(t, name, values)
+
+    return damage
+
+
+def zero_row(row: int, names):
+    def damage(t: pa.Table) -> pa.Table:
+        for n in names:
+            t = edit_vectors(n, [row], np.zeros_like)(t)
+        return t
+
+    return damage
+
+
+LONG = ["description", "main_object", "main_characteristic", "minor_object",
+        "minor_characteristic", "action", "atmosphere"]  # fmt: skip
+
+# (id, damage to shard 1, kind, columns, rows affected: a list, or "all")
+ROW_DAMAGE = [
+    ("zero-column", edit_vectors(FACET, None, np.zeros_like), "zero_vectors", [FACET], "all"),
+    ("zero-row", zero_row(3, LONG), "zero_vectors", LONG, [3]),
+    ("inf", edit_vectors(FACET, [4], lambda v: np.where(np.arange(v.shape[1]) == 0, np.inf, v)),
+     "nonfinite_vectors", [FACET], [4]),
+    ("halved", edit_vectors("atmosphere", [2, 5], lambda v: v / 2), "unnormalized_vectors",
+     ["atmosphere"], [2, 5]),
+    ("doubled-column", edit_vectors("action", None, lambda v: v * 2), "unnormalized_vectors",
+     ["action"], "all"),
+    ("empty-key", edit_column("key", 6, lambda k, t: ""), "bad_keys", ["key"], [6]),
+    ("negative-tokens", edit_column("tokens__long_caption", 0, lambda n, t: -n),
+     "bad_token_counts", ["tokens__long_caption"], [0]),
+    ("flipped-truncated", edit_column("truncated", 1, lambda f, t: not f), "bad_token_counts",
+     ["truncated"], [1]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage, kind, columns, rows", [c[1:] for c in ROW_DAMAGE],
+                         ids=[c[0] for c in ROW_DAMAGE])  # fmt: skip
+def test_resealed_row_damage_is_named_with_rows_and_columns(cache, damage, kind, columns, rows):
+    t = damage(pq.read_table(shard(cache, 1)))
+    rewrite_shard(cache, 1, t)
+    r = verify_cache(cache)
+    assert kinds(r) == {kind}
+    (p,) = r.problems
+    want_rows = list(range(t.num_rows)) if rows == "all" else rows
+    assert p.shard == "part-00001.parquet" and p.columns == columns
+    assert p.count == len(want_rows) and p.rows == want_rows[:5]
+    assert p.keys == [t.column("key")[i].as_py() for i in want_rows[:5]]
+    assert all(c in p.message for c in columns) and "--repair" in p.fix
+
+    fixed = verify_cache(cache, repair=True)
+    assert fixed.dropped == ["part-00001.parquet"] and all(q.repaired for q in fixed.problems)
+    assert verify_cache(cache).ok  # consistent again, one shard shorter
+
+
+def test_zeroed_token_counts_disagree_with_truncated(cache):
+    t = pq.read_table(shard(cache, 0))
+    truncated = t.column("truncated").to_numpy(zero_copy_only=False)
+    assert truncated.any()  # the fixture's recipe truncates some captions of this shard
+    rewrite_shard(cache, 0, with_column(t, "tokens__long_caption", [0] * t.num_rows))
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "bad_token_counts" and p.columns == ["truncated"]
+    assert p.count == int(truncated.sum()) and p.rows == list(np.flatnonzero(truncated)[:5])
+
+
+def test_duplicate_key_within_a_shard(cache):
+    t = pq.read_table(shard(cache, 2))
+    keys = t.column("key").to_pylist()
+    rewrite_shard(cache, 2, with_column(t, "key", [keys[0]] + keys[:-1]))  # row 1 repeats row 0
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "duplicate_keys" and p.shard == "part-00002.parquet"
+    assert "1 repeated within the shard" in p.message and p.keys == [keys[0]]
+    assert p.rows == [0, 1] and p.count == 2
+
+
+def test_norms_within_float16_rounding_pass(cache):
+    # Off 1 by 5e-4 (about float16's own rounding): no report.
+    t = pq.read_table(shard(cache, 1))
+    v = vectors(t, FACET).astype(np.float32) * 1.0005
+    rewrite_shard(cache, 1, with_vectors(t, FACET, v.astype(np.float16)))
+    assert verify_cache(cache).ok
+
+
+def stored_as(name: str, np_dtype, pa_dtype, dim: int):
+    """A damage: vector ``name`` stored with another value type or dimension (first ``dim``
+    components), in a file whose metadata still states the layout."""
+
+    def damage(t: pa.Table) -> pa.Table:
+        v = vectors(t, name)[:, :dim].astype(np_dtype)
+        f = pa.field(name, pa.list_(pa.field("item", pa_dtype, nullable=False), dim), False)
+        arr = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), type=f.type)
+        return t.set_column(t.schema.get_field_index(name), f, arr)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    "damage, text",
+    [
+        (stored_as(FACET, np.float16, pa.float16(), 63), "halffloat not null>[63]"),
+        (stored_as(FACET, np.float32, pa.float32(), 64), "float not null>[64]"),
+        (lambda t: t.drop_columns(["truncated"]), "missing column(s) ['truncated']"),
+    ],
+    ids=["dim", "dtype", "dropped-column"],
+)
+def test_resealed_schema_damage(cache, damage, text):
+    t = pq.read_table(shard(cache, 1))
+    rewrite_shard(cache, 1, damage(t).replace_schema_metadata(t.schema.metadata))
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "schema_mismatch" and p.shard == "part-00001.parquet", p.message
+    assert text in p.message
+
+
+def test_row_count_mismatch(cache):
+    t = pq.read_table(shard(cache, 1))
+    rewrite_shard(cache, 1, t.slice(1))  # size and sha256 resealed, the row count not
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "row_count_mismatch" and f"the manifest recorded {t.num_rows}" in p.message
+
+
+def test_same_size_garbage_is_unreadable(cache):
+    path = shard(cache, 0)
+    path.write_bytes(bytes(path.stat().st_size))
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "unreadable_shard" and p.shard == "part-00000.parquet"
+
+
+def test_skipped_file_with_another_row_count(cache):
+    path = cache / "skipped" / "part-00000.parquet"
+    t = pq.read_table(path)
+    pq.write_table(pa.concat_tables([t, t]), path)
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "bad_skipped_file" and f"has {2 * t.num_rows} rows" in p.message
+
+
+def test_shard_metadata_layout_edited(cache):
+    t = pq.read_table(shard(cache, 2))
+    meta = dict(t.schema.metadata)
+    lay = json.loads(meta[b"facetclip.layout"])
+    meta[b"facetclip.layout"] = json.dumps({**lay, "dim": 65}).encode()
+    rewrite_shard(cache, 2, t.replace_schema_metadata(meta))
+    (p,) = verify_cache(cache).problems
+    assert p.kind == "layout_mismatch" and p.shard == "part-00002.parquet" and "65" in p.message
+
+
+@pytest.mark.parametrize(
+    "edit, text",
+    [
+        ({"dim": 65}, "every shard's metadata has"),
+        ({"dtype": "float32"}, "recipe.toml stores 'float16'"),
+        ({"vector_names": LONG[::-1]}, "recipe.toml makes"),
+        ({"dim": "64"}, "has dim '64', not a positive integer"),
+        ({"dtype": "bfloat16"}, "has dtype 'bfloat16'"),
+    ],
+    ids=["dim", "dtype", "names", "dim-type", "unknown-dtype"],
+)
+def test_edited_manifest_layout_is_one_problem_repair_keeps_shards(cache, edit, text):
+    m = manifest(cache)
+    m["layout"].update(edit)
+    (cache / "manifest.json").write_text(json.dumps(m))
+    r = verify_cache(cache, repair=True)
+    assert kinds(r) == {"bad_layout"} and len(r.problems) == 1, [p.message for p in r.problems]
+    (p,) = r.problems
+    assert text in p.message and p.shard is None and "facetclip.layout" in p.fix
+    assert r.dropped == [] and not p.repaired
+    assert len(manifest(cache)["shards"]) == 3  # nothing dropped: the shards are fine
+
+
+def test_zeroed_column_repaired_and_reembedded(cache, pristine, embed_args):
+    # The issue's case: a column of all-zero vectors, the manifest's checksum resealed.
+    t = pq.read_table(shard(cache, 1))
+    rewrite_shard(cache, 1, edit_vectors(FACET, None, np.zeros_like)(t))
+    assert kinds(verify_cache(cache, repair=True)) == {"zero_vectors"}
+    s = run_embed(EmbedConfig(out=cache, **embed_args), progress=False)
+    assert s.shards_reused == 2 and s.shards_written == 1
+    assert verify_cache(cache).ok
+    got = pq.read_table(cache / "shards").sort_by("key")
+    want = pq.read_table(pristine / "shards").sort_by("key")
+    assert got.column(FACET).equals(want.column(FACET))
+
+
+# --- the other storage dtypes and a recipe that does not normalise ----------------------------
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, embed_args):
+    """Pristine caches of the first 40 rows as int8, float32, and float16 without
+    normalisation (a recipe with normalize = false)."""
+    from embed.prompts import get_recipe
+
+    root = tmp_path_factory.mktemp("verify-variants")
+    captions = root / "captions.parquet"
+    pq.write_table(pq.read_table(embed_args["captions"]).slice(0, 40), captions)
+    raw = root / "raw.toml"
+    raw.write_text(replace(get_recipe(embed_args["recipe"]), normalize=False).to_toml())
+    out = {}
+    for name, extra in [("int8", {"dtype": "int8"}), ("float32", {"dtype": "float32"}),
+                        ("raw", {"recipe": str(raw)})]:  # fmt: skip
+        args = {**embed_args, "captions": captions, **extra}
+        run_embed(EmbedConfig(out=root / name, **args), progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture
+def variant(variants, tmp_path, request):
+    return Path(shutil.copytree(variants[request.param], tmp_path / request.param))
+
+
+@pytest.mark.parametrize("variant", ["int8", "float32", "raw"], indirect=True)
+def test_clean_variants_pass(variant):
+    r = verify_cache(variant)
+    assert r.ok, [p.message for p in r.problems]
+
+
+def scale_damage(fn, row=None):
+    def damage(t: pa.Table) -> pa.Table:
+        s = t.column(FACET + "__scale").to_numpy().copy()
+        idx = slice(None) if row is None else [row]
+        s[idx] = fn(s[idx])
+        return with_column(t, FACET + "__scale", s)
+
+    return damage
+
+
+INT8_DAMAGE = [
+    ("zero-scale", scale_damage(np.zeros_like, 2), "bad_scales", [FACET + "__scale"], [2]),
+    ("negative-scales", scale_damage(np.negative), "bad_scales", [FACET + "__scale"], "all"),
+    ("nan-scale", scale_damage(lambda s: s * np.nan, 3), "nonfinite_vectors",
+     [FACET + "__scale"], [3]),
+    ("halved-q", edit_vectors(FACET, [1, 4], lambda q: q // 2), "bad_scales", [FACET], [1, 4]),
+    ("doubled-scale", scale_damage(lambda s: s * 2, 0), "unnormalized_vectors", [FACET], [0]),
+    ("zero-q", edit_vectors(FACET, None, np.zeros_like), "zero_vectors", [FACET], "all"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage, kind, columns, rows", [c[1:] for c in INT8_DAMAGE],
+                         ids=[c[0] for c in INT8_DAMAGE])  # fmt: skip
+@pytest.mark.parametrize("variant", ["int8"], indirect=True)
+def test_int8_damage(variant, damage, kind, columns, rows):
+    t = pq.read_table(shard(variant, 1))
+    rewrite_shard(variant, 1, damage(t))
+    r = verify_cache(variant)
+    assert kinds(r) == {kind}, [p.message for p in r.problems]
+    (p,) = r.problems
+    want_rows = list(range(t.num_rows)) if rows == "all" else rows
+    assert p.columns == columns and p.count == len(want_rows) and p.rows == want_rows[:5]
+
+
+@pytest.mark.parametrize("variant", ["float32"], indirect=True)
+def test_float32_norm_tolerance_is_tighter(variant):
+    t = pq.read_table(shard(variant, 0))
+    rewrite_shard(variant, 0, edit_vectors(FACET, [0], lambda v: v * 1.001)(t))
+    (p,) = verify_cache(variant).problems
+    assert p.kind == "unnormalized_vectors" and p.rows == [0] and "1.001" in p.message
+
+
+@pytest.mark.parametrize("variant", ["raw"], indirect=True)
+def test_unnormalised_recipe_promises_no_norm_but_no_zero_rows(variant):
+    t = pq.read_table(shard(variant, 0))
+    rewrite_shard(variant, 0, edit_vectors(FACET, None, lambda v: v * 2)(t))
+    assert verify_cache(variant).ok  # the recipe does not normalise: any norm is its own
+    rewrite_shard(variant, 0, edit_vectors(FACET, [5], np.zeros_like)(t))
+    (p,) = verify_cache(variant).problems
+    assert p.kind == "zero_vectors" and p.rows == [5]

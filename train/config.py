@@ -41,12 +41,10 @@ max_failures = 1          # worker restarts from the latest checkpoint
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
+from store.config import TomlConfig
 from store.errors import InputError
-from store.tomlfile import dump_toml, read_toml
 from train.model import IMAGE_HEADS, TEXT_HEADS, ModelConfig
 
 
@@ -82,7 +80,7 @@ class RunOptions:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(TomlConfig):
     images: str = ""
     cache: str = ""
     out: str = ""
@@ -97,55 +95,6 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataOptions = field(default_factory=DataOptions)
     run: RunOptions = field(default_factory=RunOptions)
-
-    # --- (de)serialisation ---------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_toml(self) -> str:
-        return dump_toml(_drop_none(self.to_dict()))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        return _build(cls, d, "")
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_toml(path, "config"))
-
-    def override(self, assignments: list[str]) -> TrainConfig:
-        """Apply ``--set section.field=value`` overrides (values parsed as TOML, else strings)."""
-        values = {}
-        for a in assignments:
-            if "=" not in a:
-                raise InputError(f"--set expects FIELD=VALUE (e.g. optim.lr=1e-3), got {a!r}")
-            path, raw = a.split("=", 1)
-            try:
-                values[path.strip()] = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                values[path.strip()] = raw
-        return self.assign(values)
-
-    def assign(self, values: dict, source: str = "--set") -> TrainConfig:
-        """A copy with dotted fields set (``{"optim.lr": 1e-3}``); an unknown field is an
-        InputError naming it and ``source`` (``--set``, or a sweep.toml table). Inside a
-        free-form table (``model.tower_kwargs``) any key goes."""
-        d = self.to_dict()
-        for path, value in values.items():
-            node, section = d, self
-            parts = path.strip().split(".")
-            for p in parts[:-1]:
-                child = getattr(section, p, None) if section is not None else node.get(p, {})
-                if not (is_dataclass(child) or isinstance(child, dict)):
-                    raise InputError(f"{source} {path}: {p!r} is not a config section")
-                node = node.setdefault(p, {})
-                section = child if is_dataclass(child) else None
-            if section is not None and parts[-1] not in node:
-                raise InputError(
-                    f"{source} {path}: unknown field; known: {', '.join(sorted(node))}"
-                )
-            node[parts[-1]] = value
-        return TrainConfig.from_dict(d)
 
     def validate(self) -> None:
         """Checks that need no data and no Ray (the cache/images checks come in train.loop)."""
@@ -172,33 +121,3 @@ class TrainConfig:
             )
         if not 16 <= self.data.image_size <= 4096:
             raise InputError("data.image_size must be in 16..4096")
-
-
-def _drop_none(d):
-    if isinstance(d, dict):
-        return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    return d
-
-
-def _build(cls, d: dict, where: str):
-    if not isinstance(d, dict):
-        raise InputError(f"config section {where or 'top level'} must be a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
-    if unknown:
-        raise InputError(
-            f"unknown config field(s) {sorted(unknown)} in {where or 'the top level'}; known: {', '.join(known)}"
-        )
-    kwargs = {}
-    for name, value in d.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None
-        if is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"[{where}{name}]")
-        elif isinstance(value, list) and name in ("betas", "crop_scale"):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise InputError(f"bad config {where}: {e}") from None
