@@ -172,6 +172,8 @@ def _tune_llm(cfg: DemoConfig, data: Path, model: Path, out: Path, console: Cons
     t = cpu_miniature(data / "captions.parquet", model, out, seed=cfg.seed)
     t.eval_pairs = min(t.eval_pairs, cfg.n // 4)  # a quarter of the pairs at most (--n 200)
     t.steps = cfg.tune_steps or t.steps
+    if t.batch_size % cfg.workers == 0:  # the demo's workers: half the CPU seconds each at 2
+        t.run.workers = cfg.workers
     r = run_tune(t, overwrite=True, progress=True)
     console.print(render_tune(r))
     return r

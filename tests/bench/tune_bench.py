@@ -62,6 +62,7 @@ def run(
     table = [["CRA", "base", "tuned", "chance"]]
     table += [[name, f"{b:.3f}", f"{t:.3f}", f"{c:.3f}"] for name, b, t, c in cra_rows(cra)]
     base, tuned = cra["base"]["short_to_long"]["top1"], cra["tuned"]["short_to_long"]["top1"]
+    floor = max(base, cra["chance"]["top1"])
     notes += [
         f"{cra['pairs']} held-out pairs; {result.pairs} training pairs; {result.steps} steps of "
         f"{cfg.batch_size} pairs; lr {cfg.optim.lr:g}; LoRA r {cfg.lora.r} alpha {cfg.lora.alpha:g}; "
@@ -70,7 +71,8 @@ def run(
         f"the training steps took {cpu:.0f} CPU seconds per worker",
     ]
     targets = [
-        Target("short->long top-1, tuned / base", tuned / max(base, 1e-9), 3.0, digits=2),
+        # a base at 0 (an untuned LM often is) is floored at chance, not at 1e-9
+        Target("short->long top-1, tuned / max(base, chance)", tuned / floor, 3.0, digits=2),
         Target("short->long top-1, tuned - base", tuned - base, 0.3),
         Target("held-out pairs", cra["pairs"], 200, digits=0),
     ]
