@@ -668,6 +668,85 @@ def train_cmd(
 
 @app.command()
 @user_errors
+def tune(
+    captions: Annotated[
+        Path | None,
+        typer.Argument(help="Caption pairs: Parquet, JSONL, CSV/TSV, or img2dataset output."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Base causal LM: directory or hub id.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The tuned model directory (merged HF model + adapter/ + run/)."),
+    ] = None,
+    pair: Annotated[
+        str | None,
+        typer.Option(
+            help="Two caption columns of one image, A=B (default short_caption=long_caption)."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A tune.toml (see README); CLI options override it.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the tune in this directory from its checkpoint.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (0: one epoch).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch of pairs.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (LLM2CLIP: 2e-4).")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank (LLM2CLIP: 16).")] = None,
+    bidirectional: Annotated[
+        bool | None, typer.Option(help="Bidirectional attention (default causal, as vLLM serves).")
+    ] = None,
+    eval_pairs: Annotated[
+        int | None, typer.Option(help="Held-out pairs for caption-retrieval accuracy.")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers.")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per worker (0: CPU).")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Join this Ray cluster instead of starting one.")
+    ] = None,
+    input_format: Annotated[
+        str | None, typer.Option(help="auto | parquet | jsonl | csv | tsv | webdataset")
+    ] = None,
+    key_column: Annotated[str | None, typer.Option(help="Input column holding the key.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the split, batches and adapters.")
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option("--set", help="Override any field: --set lora.alpha=16; repeatable."),
+    ] = [],  # noqa: B006
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier tune in --out.")] = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """LLM2CLIP's caption-contrastive LoRA tuning of the LLM: a merged HF model for `embed`.
+
+    Example: facetclip tune data/synth/captions.parquet --model models/tiny --out models/tiny-cc
+    """
+    _quiet_libraries()
+    from embed import TuneConfig, render_tune, run_tune
+
+    if resume is not None:
+        cfg = TuneConfig(out=str(resume))
+    else:
+        cfg = TuneConfig.from_toml(config) if config else TuneConfig()
+        # Each flag is a dotted field of TuneConfig, set the way --set sets one.
+        flags = {
+            "captions": captions, "model": model, "out": out, "steps": steps,
+            "batch_size": batch_size, "bidirectional": bidirectional, "eval_pairs": eval_pairs,
+            "input_format": input_format, "key_column": key_column, "seed": seed,
+            "optim.lr": lr, "lora.r": lora_r, "run.workers": workers,
+            "run.gpus_per_worker": gpus_per_worker, "run.ray_address": ray_address,
+            "pair": None if pair is None else [c.strip() for c in pair.split("=")],
+        }  # fmt: skip
+        given = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
+        cfg = cfg.assign(given, source="option").override(set_)
+    r = run_tune(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
+    console.print(render_tune(r))
+
+
+@app.command()
+@user_errors
 def pformer(
     captions: Annotated[
         Path | None,

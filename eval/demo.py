@@ -3,9 +3,10 @@
 synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> train (Ray,
 2 workers) -> eval (held-out retrieval; zero-shot on shapes, on colour+shape, and on colour+
 shape pairs never seen as a main object) -> a comparison of recipes flame / prompteol /
-llm2clip with the same tower and steps -> P-Former captioning (eval.demo_captioning: pformer
--> embed --recipe pformer -> train --loss prompt-align -> eval --task captioning) ->
-DEMO_OUT/REPORT.md with every figure beside its chance level and where every file is.
+llm2clip with the same tower and steps, llm2clip with its caption-contrastive tuning of the LM
+first (`facetclip tune`) -> P-Former captioning (eval.demo_captioning: pformer -> embed --recipe
+pformer -> train --loss prompt-align -> eval --task captioning) -> DEMO_OUT/REPORT.md with every
+figure beside its chance level and where every file is.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DemoConfig:
     captioning: bool | None = None  # the P-Former block (eval.demo_captioning); None: as compare
     caption: CaptionDemoConfig = field(default_factory=CaptionDemoConfig)
     overwrite: bool = False
+    tune_steps: int | None = None  # llm2clip's CC tuning; None: embed.tune.cpu_miniature's
 
 
 @dataclass
@@ -60,6 +62,7 @@ class DemoReport:
     seconds: dict[str, float] = field(default_factory=dict)
     results: dict[str, dict] = field(default_factory=dict)  # recipe -> eval name -> report
     captioning: list[dict] = field(default_factory=list)  # eval.captioning.demo_rows
+    cra: dict | None = None  # caption-retrieval accuracy before/after llm2clip's CC tuning
 
 
 def _train_config(cfg: DemoConfig, data: Path, cache: Path, run: Path, recipe: str):
@@ -110,7 +113,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     report = DemoReport(out)
     data, model = out / "data", out / "model"
     recipes = COMPARE if compare else ("flame",)
-    total = 5 + (len(recipes) - 1) * 3 + 3 * captioning
+    total = 5 + (len(recipes) - 1) * 3 + ("llm2clip" in recipes) + 3 * captioning
 
     def step(i: int, name: str, fn):
         console.rule(f"[bold]{i}/{total} {name}")
@@ -148,9 +151,16 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     i = 2
     for recipe in recipes:
         cache, run = out / "cache" / recipe, out / "runs" / recipe
+        llm = model
+        if recipe == "llm2clip":  # LLM2CLIP tunes the LLM into a caption encoder, then embeds
+            i += 1
+            tuned = step(i, f"tune: caption-contrastive LoRA on the {cfg.llm} LM (LLM2CLIP)",
+                         lambda: _tune_llm(cfg, n, data, model, out / "model-cc", console))  # fmt: skip
+            llm, report.cra = tuned.out, tuned.cra
+            report.paths["tuned model (llm2clip)"] = llm
         i += 1
-        s = step(i, f"embed: recipe {recipe}", lambda c=cache, r=recipe: run_embed(
-            EmbedConfig(captions=data / "captions.parquet", model=str(model), out=c, recipe=r), progress=True))  # fmt: skip
+        s = step(i, f"embed: recipe {recipe}", lambda c=cache, r=recipe, m=llm: run_embed(
+            EmbedConfig(captions=data / "captions.parquet", model=str(m), out=c, recipe=r), progress=True))  # fmt: skip
         console.print(
             f"{s.rows:,} captions, {s.captions_per_s:,.1f} captions/s, {s.tokens_per_s:,.0f} tokens/s"
         )
@@ -185,6 +195,20 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     return report
 
 
+def _tune_llm(cfg: DemoConfig, n: int, data: Path, model: Path, out: Path, console: Console):
+    """`facetclip tune` with the CPU miniature of LLM2CLIP's recipe; prints CRA before/after."""
+    from embed.tune import cpu_miniature, render_tune, run_tune
+
+    t = cpu_miniature(data / "captions.parquet", model, out, seed=cfg.seed)
+    t.eval_pairs = min(t.eval_pairs, n // 4)  # a quarter of the pairs at most (--n 200)
+    t.steps = cfg.tune_steps or t.steps
+    if t.batch_size % cfg.workers == 0:  # the demo's workers: half the CPU seconds each at 2
+        t.run.workers = cfg.workers
+    r = run_tune(t, overwrite=True, progress=True)
+    console.print(render_tune(r))
+    return r
+
+
 def _print_results(console: Console, recipe: str, results: dict) -> None:
     t = Table(title=f"{recipe}: held-out results (chance in brackets)")
     t.add_column("eval")
@@ -215,18 +239,25 @@ def final_report(report: DemoReport, cfg: DemoConfig) -> str:
                 lines.append(f"| {name} | {k} | {v:.3f} | {c:.3f} | {v / c:.1f} |")
     if len(report.results) > 1:
         lines += ["", "## Recipes compared (same tower, same steps)", "",
-                  "| recipe | vectors per caption | retrieval i2t R@1 | t2i R@1 | zero-shot shape top-1 |", "|---|---|---|---|---|"]  # fmt: skip
+                  "| recipe | LLM | vectors per caption | retrieval i2t R@1 | t2i R@1 | zero-shot shape top-1 |", "|---|---|---|---|---|---|"]  # fmt: skip
         from store.cache import Cache
 
         for recipe, results in report.results.items():
             n_vec = len(Cache.open(report.out / "cache" / recipe).manifest.layout["vector_names"])
             ret, zs = results["retrieval"].metrics, results["zeroshot_shape"].metrics
+            llm = "tiny, CC-tuned" if recipe == "llm2clip" and report.cra else "tiny"
             lines.append(
-                f"| {recipe} | {n_vec} | {ret['i2t_R@1']:.3f} | {ret['t2i_R@1']:.3f} | {zs['top1']:.3f} |"
+                f"| {recipe} | {llm} | {n_vec} | {ret['i2t_R@1']:.3f} | {ret['t2i_R@1']:.3f} | {zs['top1']:.3f} |"
             )
         ret_chance = flame["retrieval"].chance["i2t_R@1"] if flame else float("nan")
         zs_chance = flame["zeroshot_shape"].chance["top1"] if flame else float("nan")
-        lines.append(f"| chance | | {ret_chance:.3f} | {ret_chance:.3f} | {zs_chance:.3f} |")
+        lines.append(f"| chance | | | {ret_chance:.3f} | {ret_chance:.3f} | {zs_chance:.3f} |")
+    if report.cra:
+        from embed.tune import cra_rows
+
+        lines += ["", f"## llm2clip's caption-contrastive tuning of the LM ({report.cra['pairs']} held-out pairs)",
+                  "", "| caption-retrieval accuracy | base LM | tuned LM | chance |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {n} | {b:.3f} | {t:.3f} | {c:.3f} |" for n, b, t, c in cra_rows(report.cra)]
     if report.captioning:
         from eval.demo_captioning import report_lines
 

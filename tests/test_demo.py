@@ -18,7 +18,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     # Untrained LM and a few steps: this checks the plumbing, not the figures (the README
     # and the closing notes hold those of a full-size run).
-    cfg = DemoConfig(out=out, n=200, llm_steps=0, steps=10, batch_size=16, workers=1)
+    cfg = DemoConfig(out=out, n=200, llm_steps=0, steps=10, batch_size=16, workers=1, tune_steps=4)
     cfg.caption = CaptionDemoConfig(pformer_steps=4, pformer_batch=8, steps=4, batch_size=16,
                                     max_new_tokens=6, limit=40, compare=True)  # fmt: skip
     return cfg, run_demo(cfg)
@@ -52,6 +52,18 @@ def test_demo_runs_every_step_and_reports_against_chance(demo):
     assert f"| retrieval | i2t_R@1 | {v:.3f} | {c:.3f} | {v / c:.1f} |" in md
     for recipe in COMPARE:
         assert f"| {recipe} |" in md
+    # llm2clip is embedded with the LM after its caption-contrastive tuning, CRA in the report
+    from embed.engine import model_fingerprint
+    from embed.tune import cra_rows
+
+    tuned = report.paths["tuned model (llm2clip)"]
+    recipe_toml = (cfg.out / "cache" / "llm2clip" / "recipe.toml").read_text()
+    assert model_fingerprint(tuned) in recipe_toml
+    assert model_fingerprint(cfg.out / "model") not in recipe_toml
+    assert report.cra["pairs"] == cfg.n // 4
+    assert "| llm2clip | tiny, CC-tuned |" in md
+    for name, base, tuned_acc, chance in cra_rows(report.cra):
+        assert f"| {name} | {base:.3f} | {tuned_acc:.3f} | {chance:.3f} |" in md
     # every path the report lists exists
     for path in report.paths.values():
         assert path.exists(), path

@@ -590,3 +590,62 @@ def test_two_vllm_engine_actors_write_the_cache_of_one(
     assert (summary.rows, summary.engine_failures) == (N_CAPTIONS, 0)
     assert summary.engine.startswith("vllm") and "2 actors" in summary.engine
     assert_same_cache(out, clean_cache)
+
+
+# --- a `facetclip tune` output (LLM2CLIP's caption-contrastive LoRA, merged), served by vLLM --
+
+
+@pytest.fixture(scope="module")
+def tuned_vllm_model(vllm_model, synth_data, tmp_path_factory):
+    """A `facetclip tune` output for the head-64 model: tune's own steps (CaptionEncoder, the
+    caption-contrastive loss, an adapter checkpoint) run in this process, then tune's
+    ``export_tuned`` writes the merged directory with adapter/ and run/ beside it. In process,
+    not through ``run_tune``: .venv-vllm has peft but not Ray Train's pandas."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from embed import tune
+    from store.runs import save_checkpoint
+
+    out = tmp_path_factory.mktemp("tuned") / "tiny-h64-cc"
+    cfg = tune.TuneConfig(captions=str(synth_data / "captions.parquet"), model=str(vllm_model),
+                          out=str(out), seed=0)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(vllm_model, dtype=torch.float32)
+    lm = tune.add_lora(base, cfg.lora, cfg.seed)
+    ptok = PromptTokenizer(AutoTokenizer.from_pretrained(vllm_model), BUILTIN_RECIPES["llm2clip"])
+    rows = pq.read_table(synth_data / "captions.parquet").slice(0, 8).to_pydict()
+    texts = rows["short_caption"] + rows["long_caption"]
+    items = [e.items[0] for e in ptok.encode([[t] for t in texts])]
+    encoder = tune.CaptionEncoder(lm)
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(4):  # a high lr: the weights move visibly in 4 steps
+        v = encoder.encode(items, ptok.pad_id, torch.device("cpu"), cfg.token_budget)
+        loss = tune.caption_contrastive_loss(v[:8], v[8:], cfg.scale)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    ckpt = save_checkpoint(out / tune.RUN_DIR, tune.AdapterWeights(lm), optimizer, {"step": 4})
+    tune.export_tuned(cfg, Path(vllm_model), ckpt, out)
+    return out
+
+
+def test_vllm_serves_a_tuned_model_as_the_hf_engine_does(
+    vllm_device, vllm_model, tuned_vllm_model, engines, caption_rows
+):
+    """`embed --engine vllm` on a `tune` output: the llm2clip vectors vLLM computes from the
+    merged model are the hf engine's on the same directory (as for any model), and they are
+    the tuned model's, not the base's."""
+    recipe = BUILTIN_RECIPES["llm2clip"]
+    items = encode_items(tuned_vllm_model, recipe, caption_rows)
+    engines.close()  # one vLLM engine alive at a time
+    served = Engines(tuned_vllm_model)
+    try:
+        got = served.get("mean", "float32").embed(items)
+    finally:
+        served.close()
+    hf = {
+        m: HFEngine(EngineConfig(str(m), pooling="mean", device="cpu")).embed(items)
+        for m in (tuned_vllm_model, vllm_model)
+    }
+    assert got.shape == hf[tuned_vllm_model].shape == (len(caption_rows), 128)
+    assert cosine(got, hf[tuned_vllm_model]).min() >= MIN_COSINE["float32"]
+    assert cosine(got, hf[vllm_model]).min() < 0.999  # the merged adapters changed the vectors

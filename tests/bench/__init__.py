@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "reader": "tests.bench.reader_bench",  # the cache read into float32 batches vs .npy files
     "train": "tests.bench.train_bench",  # a step with cached vectors vs the LM online; decode rate
     "heads": "tests.bench.heads_bench",  # heads only from two caches vs the demo's end-to-end step
+    "tune": "tests.bench.tune_bench",  # CC tuning's caption-retrieval accuracy, base vs tuned
     "verify": "tests.bench.verify_bench",  # verify on a big cache vs sha256 + a plain read
     "memory": "tests.bench.memory_bench",  # peak memory of train's process tree, 1 and 2 at once
     "vllm": "tests.bench.vllm_bench",  # stage one on CPU: hf engine vs vLLM, cold and warm cache
