@@ -612,7 +612,30 @@ CASES = [
          Refused(r"is not an exported model \(no config\.json\)")),
     Case("K03", "caption --beams 0", lambda w, d: ["caption", w.run, w.images, "--beams", "0"],
          Usage(r"--beams")),
+    # tune: LLM2CLIP's caption-contrastive LoRA (its other bad inputs: tests/test_tune.py)
+    Case("U01", "tune --lora-r 0", lambda w, d: _tune(w, d, "--lora-r", "0"),
+         Refused(r"lora\.r must be >= 1 \(LLM2CLIP: 16\), got 0")),
+    Case("U02", "tune --model a folder without config.json", lambda w, d: _tune(w, d, "--model",
+         _mkdir(d / "m")), Refused(r"has no config\.json; it must be a Hugging Face model")),
+    Case("U03", "tune with a batch larger than the pairs", lambda w, d: _tune(w, d, "--batch-size",
+         "100000"), Refused(r"caption pairs in .*need \d+; lower --eval-pairs or --batch-size")),
+    # embed-images: a frozen tower's features (nothing is downloaded)
+    Case("I01", "embed-images without weights, a run or --random-init", lambda w, d: ["embed-images",
+         w.images, "--out", d / "ic", "--tower", "resnet10t"], Refused(r"give exactly one of "
+                                                                     r"--weights PATH")),
+    Case("I02", "embed-images with a tower timm does not know", lambda w, d: ["embed-images",
+         w.images, "--out", d / "ic", "--tower", "resnet_nosuch", "--random-init"],
+         Refused(r"unknown timm model 'resnet_nosuch'")),
+    Case("I03", "embed-images on an empty folder", lambda w, d: ["embed-images", _mkdir(d / "e"),
+         "--out", d / "ic", "--tower", "resnet10t", "--random-init"], Refused(r"no images found in")),
+    Case("I04", "embed-images --from-run a folder that is not a run", lambda w, d: ["embed-images",
+         w.images, "--out", d / "ic", "--from-run", d], Refused(r"is not an exported model")),
 ]  # fmt: skip
+
+
+def _tune(w: World, d: Path, *extra) -> list:
+    return ["tune", w.caps, "--model", w.model, "--out", d / "tuned", "--steps", "1",
+            "--no-progress", *extra]  # fmt: skip
 
 
 def _pf(w: World, d: Path, *extra, captions=None, out=None) -> list:
@@ -790,13 +813,20 @@ BROKEN: dict[str, tuple[Callable, dict[str, tuple[str, str]]]] = {
                            "--name", "nosuch-layout-check"],
              {"RUN": ("dir", "in"), "--data": ("dir", "in")}),
     "demo": (lambda w, p: ["demo", "--out", p["--out"], "--n", "200"], {"--out": ("dir", "out")}),
+    "tune": (lambda w, p: ["tune", p["CAPTIONS"], "--model", p["--model"], "--out", p["--out"],
+                           "--steps", "1", "--batch-size", "100000", "--no-progress"],
+             {"CAPTIONS": ("file", "in"), "--model": ("dir", "in"), "--out": ("dir", "out")}),
+    "embed-images": (lambda w, p: ["embed-images", p["IMAGES"], "--out", p["--out"], "--tower",
+                                   "resnet_nosuch", "--random-init"],
+                     {"IMAGES": ("dir", "in"), "--out": ("dir", "out")}),
     "caption": (lambda w, p: ["caption", p["RUN"], p["IMAGES"], "--out", p["--output"]],
                 {"RUN": ("dir", "in"), "IMAGES": ("dir", "in"), "--output": ("file", "out")}),
     "pformer": (lambda w, p: ["pformer", p["CAPTIONS"], "--model", p["--model"], "--out",
                               p["--out"], "--steps", "1", "--batch-size", "100000", "--no-progress"],
                 {"CAPTIONS": ("file", "in"), "--model": ("dir", "in"), "--out": ("dir", "out")}),
 }  # fmt: skip
-# (train's --tower resnet_nosuch, pformer's batch larger than its captions and sweep's config
+# (train's and embed-images' --tower resnet_nosuch, pformer's and tune's batch larger than their
+# captions and sweep's config
 # with an unknown field make sure that a broken path which happens to be accepted still ends in
 # a one-line refusal, not a real run.)
 
