@@ -170,20 +170,20 @@ def test_the_model_pools_its_prompts_through_the_text_head_like_cached_prompts()
 
 
 def test_config_ties_the_prompt_head_to_the_prompt_losses():
-    cfg = TrainConfig(loss="prompt-align")
+    cfg = TrainConfig(images="x", loss="prompt-align")
     cfg.validate()
     assert cfg.model.image_head == "prompt" and cfg.prompt_weight() == 10.0
-    lm = TrainConfig(loss="caption-lm")
+    lm = TrainConfig(images="x", loss="caption-lm")
     with pytest.raises(InputError, match="prompt.llm"):
         lm.validate()
     lm.prompt.llm, lm.prompt.captions = "x", "y"
     lm.validate()
     assert lm.prompt_weight() == 1.0
-    bad = TrainConfig(loss="clip")
+    bad = TrainConfig(images="x", loss="clip")
     bad.model.image_head = "prompt"
     with pytest.raises(InputError, match="prompt-align or caption-lm"):
         bad.validate()
-    d = TrainConfig(loss="prompt-align").override(["prompt.weight=3.0"]).to_dict()
+    d = TrainConfig(images="x", loss="prompt-align").override(["prompt.weight=3.0"]).to_dict()
     assert TrainConfig.from_dict(d).prompt.weight == 3.0
 
 
