@@ -183,6 +183,9 @@ def test_config_ties_the_prompt_head_to_the_prompt_losses():
     bad.model.image_head = "prompt"
     with pytest.raises(InputError, match="prompt-align or caption-lm"):
         bad.validate()
+    heads_only = TrainConfig(image_cache="icache", loss="prompt-align")  # no patch tokens there
+    with pytest.raises(InputError, match="needs images, not an image cache"):
+        heads_only.validate()
     d = TrainConfig(images="x", loss="prompt-align").override(["prompt.weight=3.0"]).to_dict()
     assert TrainConfig.from_dict(d).prompt.weight == 3.0
 
