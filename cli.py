@@ -987,7 +987,7 @@ def demo(
         typer.Option(
             min=200,
             max=1_000_000,
-            help="Synthetic training samples (default: 2000; 1000 with smollm2).",
+            help="Synthetic training samples (default: 2000; 600 with smollm2).",
         ),
     ] = None,
     llm: Annotated[

@@ -49,7 +49,9 @@ class DemoConfig:
     batch_size: int = 64
     workers: int = 2
     compare: bool | None = None  # None: True with the tiny LM, False with smollm2
-    captioning: bool | None = None  # the P-Former block (eval.demo_captioning); None: as compare
+    captioning: bool | None = (
+        None  # the P-Former block (eval.demo_captioning); None: as compare's default
+    )
     caption: CaptionDemoConfig = field(default_factory=CaptionDemoConfig)
     overwrite: bool = False
     tune_steps: int | None = None  # llm2clip's CC tuning; None: embed.tune.cpu_miniature's
@@ -245,7 +247,7 @@ def final_report(report: DemoReport, cfg: DemoConfig) -> str:
         for recipe, results in report.results.items():
             n_vec = len(Cache.open(report.out / "cache" / recipe).manifest.layout["vector_names"])
             ret, zs = results["retrieval"].metrics, results["zeroshot_shape"].metrics
-            llm = "tiny, CC-tuned" if recipe == "llm2clip" and report.cra else "tiny"
+            llm = f"{cfg.llm}, CC-tuned" if recipe == "llm2clip" and report.cra else cfg.llm
             lines.append(
                 f"| {recipe} | {llm} | {n_vec} | {ret['i2t_R@1']:.3f} | {ret['t2i_R@1']:.3f} | {zs['top1']:.3f} |"
             )

@@ -194,9 +194,14 @@ def _cache_features(model, paths: list[Path], image_cache) -> np.ndarray:
     from store.images import file_key
     from train.image_cache import cached_features, check_cache_fits, open_image_cache
 
+    m = model.meta["model"]
+    if m["image_head"] == "prompt":
+        raise InputError(
+            "a prompt run's image head reads the tower's patch tokens, which an image cache "
+            "does not hold; drop --image-cache"
+        )
     cache = open_image_cache(image_cache)
     check_cache_fits(cache.recipe, model.meta, str(image_cache))
-    m = model.meta["model"]
     grid = int(m.get("token_grid", 0)) if m["image_head"] == "token-mlp" else None
     return cached_features(cache, [file_key(p) for p in paths], grid)
 
@@ -213,6 +218,11 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
     if cfg.query not in QUERIES:
         raise InputError(f"--query must be one of {', '.join(QUERIES)}")
     run = Path(cfg.run)
+    if cfg.task == "captioning" and cfg.image_cache:
+        raise InputError(
+            "--task captioning runs the tower on the images (the prompt head reads its patch "
+            "tokens); drop --image-cache"
+        )
     if cfg.task == "captioning":
         from eval.captioning import captioning_report
 

@@ -572,6 +572,9 @@ CASES = [
     Case("V07", "eval --layout karpathy without its json", lambda w, d: ["eval", w.run, "--task",
          "retrieval", "--layout", "karpathy", "--data", _mkdir(d / "k")],
          Refused(r"expected exactly one dataset_\*\.json")),
+    Case("V08", "eval --task captioning with --image-cache", lambda w, d: ["eval", w.run, "--task",
+         "captioning", "--data", w.retrieval, "--image-cache", d], Refused(r"--task captioning "
+                                                                          r"runs the tower")),
     # synth, tiny-llm, smollm2, sweep, demo
     Case("S01", "synth OUT is a file", lambda w, d: ["synth", _text(d, "o", "x"), "--n", "8"],
          Refused(r"exists and is not a directory")),

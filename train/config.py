@@ -14,7 +14,7 @@ seed = 0
 
 [model]                   # train.model.ModelConfig
 tower = "vit_base_patch16_224"
-image_head = "token-mlp"  # token-mlp | linear | mlp | glu
+image_head = "token-mlp"  # token-mlp | linear | mlp | glu | prompt (set by the prompt losses)
 text_head = "none"        # none | linear | adapter | glu
 center_text = false
 
