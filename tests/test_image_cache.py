@@ -62,6 +62,13 @@ def icache(data, tmp_path_factory):
     return out, summary
 
 
+def one_thread_env() -> dict:
+    """The environment of a CLI subprocess whose features must equal the in-process clean
+    run's bit for bit: one torch thread, as tests/conftest.py sets here (a different thread
+    count sums the convolutions in another order: equal to ~1e-7, not bit for bit)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def frame(cache: Path):
     """Every row of a cache via DuckDB (an independent reader), by key."""
     return duckdb.sql(f"SELECT * FROM read_parquet('{cache}/shards/*.parquet') ORDER BY key").df()
@@ -126,7 +133,7 @@ def test_killed_embed_images_then_rerun_equals_a_clean_run(data, icache, tmp_pat
     out = tmp_path / "icache"
     cmd = [sys.executable, "-c", "from cli import app; app()", "embed-images",
            *icache_args(synth / "images", out)]  # fmt: skip
-    env = {**os.environ, "FACETCLIP_KILL_AFTER_SHARDS": "1"}
+    env = {**one_thread_env(), "FACETCLIP_KILL_AFTER_SHARDS": "1"}
     killed = subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     assert len(json.loads((out / "manifest.json").read_text())["shards"]) == 1
@@ -161,7 +168,9 @@ def test_a_kill_from_outside_at_a_random_moment_then_rerun_equals_a_clean_run(
     out = tmp_path / "icache"
     cmd = [sys.executable, "-c", "from cli import app; app()", "embed-images",
            *icache_args(synth / "images", out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = one_thread_env()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -179,7 +188,7 @@ def test_a_kill_from_outside_at_a_random_moment_then_rerun_equals_a_clean_run(
     print("killed" if proc.returncode == -signal.SIGKILL else "ended first", proc.returncode,
           len(json.loads((out / "manifest.json").read_text())["shards"]), "shards sealed",
           sorted(p.name for p in (out / "shards").iterdir()))  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, cwd=ROOT)
+    done = subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()
     got, want = frame(out), frame(icache[0])
     assert list(got["key"]) == list(want["key"])
