@@ -611,8 +611,10 @@ def run_tune(
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors; say what failed and what to do
+        from store.cluster import ray_failure_cause
+
         raise TuneError(
-            f"tuning failed after {cfg.run.max_failures} restart(s): {type(e).__name__}: {str(e)[-800:]}\n"
+            f"tuning failed after {cfg.run.max_failures} restart(s): {ray_failure_cause(e)}. "
             f"Fix the cause, then continue with: facetclip tune --resume {out}"
         ) from None
     finally:
