@@ -69,6 +69,22 @@ def one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def shard_entries(cache: Path) -> list[tuple]:
+    return [(s.name, s.rows, s.sha256, s.input_start, s.input_end)
+            for s in Cache.open(cache).manifest.shards]  # fmt: skip
+
+
+def assert_same_cache(got: Path, want: Path) -> None:
+    """A rerun's cache is the clean run's: the same rows (read with DuckDB), the same shard
+    files byte for byte in the same manifest entries, and no file the manifest does not name."""
+    a, b = frame(got), frame(want)
+    assert list(a["key"]) == list(b["key"])
+    for name in ("pooled", "grid_0_0", "grid_1_1"):
+        assert np.array_equal(np.stack(a[name]), np.stack(b[name]))
+    assert shard_entries(got) == shard_entries(want)
+    assert sorted(p.name for p in (got / "shards").iterdir()) == [e[0] for e in shard_entries(got)]
+
+
 def frame(cache: Path):
     """Every row of a cache via DuckDB (an independent reader), by key."""
     return duckdb.sql(f"SELECT * FROM read_parquet('{cache}/shards/*.parquet') ORDER BY key").df()
@@ -144,15 +160,7 @@ def test_killed_embed_images_then_rerun_equals_a_clean_run(data, icache, tmp_pat
     done = subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()
     assert "images from earlier runs" in done.stdout.decode()
-    got, want = frame(out), frame(icache[0])
-    assert list(got["key"]) == list(want["key"])
-    for name in ("pooled", "grid_0_0", "grid_1_1"):
-        assert np.array_equal(np.stack(got[name]), np.stack(want[name]))
-    # the same files, byte for byte, in the same manifest entries
-    entries = lambda c: [(s.name, s.rows, s.sha256, s.input_start, s.input_end)  # noqa: E731
-                         for s in Cache.open(c).manifest.shards]  # fmt: skip
-    assert entries(out) == entries(icache[0])
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [e[0] for e in entries(out)]
+    assert_same_cache(out, icache[0])
 
 
 def test_a_kill_from_outside_at_a_random_moment_then_rerun_equals_a_clean_run(
@@ -190,14 +198,7 @@ def test_a_kill_from_outside_at_a_random_moment_then_rerun_equals_a_clean_run(
           sorted(p.name for p in (out / "shards").iterdir()))  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()
-    got, want = frame(out), frame(icache[0])
-    assert list(got["key"]) == list(want["key"])
-    for name in ("pooled", "grid_0_0", "grid_1_1"):
-        assert np.array_equal(np.stack(got[name]), np.stack(want[name]))
-    entries = lambda c: [(s.name, s.rows, s.sha256, s.input_start, s.input_end)  # noqa: E731
-                         for s in Cache.open(c).manifest.shards]  # fmt: skip
-    assert entries(out) == entries(icache[0])
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [e[0] for e in entries(out)]
+    assert_same_cache(out, icache[0])
     assert verify_cache(out).ok
 
 
@@ -206,9 +207,7 @@ def test_two_tower_actors_write_the_cache_of_one(data, icache, tmp_path, ray_ses
     out = tmp_path / "icache"
     summary = run_embed_images(icache_config(synth / "images", out, engines=2), progress=False)
     assert summary.engines == 2 and summary.engine_failures == 0
-    entries = lambda c: [(s.name, s.rows, s.sha256, s.input_start, s.input_end)  # noqa: E731
-                         for s in Cache.open(c).manifest.shards]  # fmt: skip
-    assert entries(out) == entries(icache[0])  # the same bytes as the in-process path
+    assert shard_entries(out) == shard_entries(icache[0])  # the same bytes as in-process
     assert not [p.name for p in (out / "shards").iterdir() if p.name.startswith(".")]
 
 
