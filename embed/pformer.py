@@ -48,8 +48,9 @@ from store.config import TomlConfig
 from store.errors import FacetclipError, InputError
 from store.runs import (
     METRICS_FILE,
+    NAN_FILE,
     MetricsLog,
-    ProgressTail,
+    fit_workers,
     latest_checkpoint,
     load_checkpoint,
     plot_metrics,
@@ -59,7 +60,6 @@ from store.runs import (
 from store.tables import CaptionSource, available_columns, iter_caption_batches
 
 CONFIG_FILE = "config.toml"
-NAN_FILE = "nan.json"
 FAULT_MARKER = ".fault_injected"
 VIEWS = ("masked", "self", "column")
 
@@ -343,9 +343,6 @@ def train_pformer(
 ) -> PFormerResult:
     """Run (or resume) P-Former training; returns when the predictor is exported."""
     import ray
-    from ray.train import FailureConfig, ScalingConfig
-    from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     cfg, facts = prepare_run(cfg, resume=resume, overwrite=overwrite)
@@ -353,36 +350,14 @@ def train_pformer(
     enc_tok, stats = facts.pop("enc_tokenizer"), facts.pop("stats")
     init_ray(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker)
     data = ray.put({k: facts.pop(k) for k in ("enc_ids", "llm_ids", "pair_ids")})
-    use_gpu = cfg.run.gpus_per_worker > 0
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "run": str(run), "data": data, **facts},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RayRunConfig(
-            name="ray", storage_path=str(run),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        ),
+    info = fit_workers(
+        worker_loop, {"config": cfg.to_dict(), "run": str(run), "data": data, **facts}, run,
+        cfg.run, cfg.steps, progress=progress, label="pformer", info=progress_info,
+        failed=lambda cause: PFormerError(
+            f"pformer training failed after {cfg.run.max_failures} restart(s): {cause}. "
+            f"Then continue with: facetclip pformer --resume {run}"),
     )  # fmt: skip
-    bar = ProgressTail(run / METRICS_FILE, cfg.steps, progress, "pformer", progress_info)
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; say what failed and what to do
-        from store.cluster import ray_failure_cause
-
-        raise PFormerError(
-            f"pformer training failed after {cfg.run.max_failures} restart(s): "
-            f"{ray_failure_cause(e)}. Then continue with: facetclip pformer --resume {run}"
-        ) from None
-    finally:
-        bar.close()
-    nan = run / NAN_FILE
-    if nan.is_file():
-        info = json.loads(nan.read_text())
+    if info is not None:
         raise PFormerError(
             f"loss became {info['loss']} at step {info['step']}; training stopped (last good "
             f"checkpoint: {info['last_checkpoint']}). Try a lower --lr or more warm-up, then "

@@ -41,7 +41,7 @@ import numpy as np
 
 from store.config import TomlConfig
 from store.errors import FacetclipError, InputError
-from store.runs import METRICS_FILE
+from store.runs import METRICS_FILE, NAN_FILE
 
 # LLM2CLIP's LoRA targets (papers.md §2): every projection of attention and MLP, Llama names.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,7 +49,6 @@ RUN_DIR = "run"
 ADAPTER_DIR = "adapter"
 CONFIG_FILE = "config.toml"
 CRA_FILE = "cra.json"
-NAN_FILE = "nan.json"
 FAULT_MARKER = ".fault_injected"
 # The config.json key that records where a tuned model came from. config.json is hashed in
 # full by embed.engine.model_fingerprint, so the tuned model's fingerprint always differs
@@ -573,11 +572,9 @@ def run_tune(
 ) -> TuneResult:
     """Run (or resume) a caption-contrastive tune; returns when the merged model is written."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from store.cluster import init_ray
-    from store.runs import ProgressTail, latest_checkpoint, plot_metrics, read_metrics
+    from store.runs import fit_workers, latest_checkpoint, plot_metrics, read_metrics
 
     t0 = time.perf_counter()
     cfg, model_path, pairs = prepare_run(cfg, resume=resume, overwrite=overwrite)
@@ -585,43 +582,15 @@ def run_tune(
     run = out / RUN_DIR
     steps = total_steps(cfg, len(pairs.train[0]))
     init_ray(cfg.run.ray_address, cfg.run.workers * cfg.run.cpus_per_worker)
-    use_gpu = cfg.run.gpus_per_worker > 0
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "run": str(run),
-            "model_path": str(model_path),
-            "steps": steps,
-            "pairs": ray.put(pairs),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name="ray",
-            storage_path=str(run),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        ),
-    )
-    bar = ProgressTail(run / METRICS_FILE, steps, progress, label="tune", info=_progress_info)
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; say what failed and what to do
-        from store.cluster import ray_failure_cause
-
-        raise TuneError(
-            f"tuning failed after {cfg.run.max_failures} restart(s): {ray_failure_cause(e)}. "
-            f"Fix the cause, then continue with: facetclip tune --resume {out}"
-        ) from None
-    finally:
-        bar.close()
-    nan = run / NAN_FILE
-    if nan.is_file():
-        info = json.loads(nan.read_text())
+    loop_config = {"config": cfg.to_dict(), "run": str(run), "model_path": str(model_path),
+                   "steps": steps, "pairs": ray.put(pairs)}  # fmt: skip
+    info = fit_workers(
+        worker_loop, loop_config, run, cfg.run, steps, progress=progress, label="tune",
+        info=_progress_info, failed=lambda cause: TuneError(
+            f"tuning failed after {cfg.run.max_failures} restart(s): {cause}. "
+            f"Fix the cause, then continue with: facetclip tune --resume {out}"),
+    )  # fmt: skip
+    if info is not None:
         raise TuneError(
             f"loss became {info['loss']} at step {info['step']}; tuning stopped. Try a lower optim.lr "
             f"or more optim.warmup_steps, then --resume {out}."

@@ -31,6 +31,7 @@ from store.progress import Bar
 
 CHECKPOINTS = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+NAN_FILE = "nan.json"  # a worker's record of a non-finite loss: {"step", "loss", ...}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -191,6 +192,62 @@ class ProgressTail:
             self.stop.set()
             self.thread.join()
             self.bar.close()
+
+
+# --- running the workers ---------------------------------------------------------------------
+
+
+def fit_workers(
+    worker_loop: Callable[[dict], None],
+    loop_config: dict,
+    run: Path,
+    options,
+    steps: int,
+    *,
+    progress: bool,
+    failed: Callable[[str], Exception],
+    label: str = "train",
+    info: Callable[[dict], str] = metrics_info,
+) -> dict | None:
+    """Run ``worker_loop(loop_config)`` on ``options.workers`` Ray Train workers, with the
+    driver's progress bar following ``run``'s metrics log, and return the record a worker left
+    in ``run/NAN_FILE`` when its loss stopped being finite (None when training finished).
+
+    ``options`` is a trainer's run options (``workers``, ``cpus_per_worker``,
+    ``gpus_per_worker``, ``max_failures``); Ray must be up (``store.cluster.init_ray``). A
+    failure Ray could not recover from (restarts exhausted) is raised as
+    ``failed(one_line_cause)``: Ray's own report is pages long and hides the cause.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from store.cluster import ray_failure_cause
+
+    use_gpu = options.gpus_per_worker > 0
+    resources = {"CPU": options.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = options.gpus_per_worker
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=str(run),
+            failure_config=FailureConfig(max_failures=options.max_failures),
+        ),
+    )
+    bar = ProgressTail(Path(run) / METRICS_FILE, steps, progress, label, info)
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors: say what failed, in one line
+        raise failed(ray_failure_cause(e)) from None
+    finally:
+        bar.close()
+    nan = Path(run) / NAN_FILE
+    return json.loads(nan.read_text()) if nan.is_file() else None
 
 
 # --- plots ---------------------------------------------------------------------------------------

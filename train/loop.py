@@ -31,8 +31,9 @@ import numpy as np
 from store.errors import FacetclipError, InputError
 from store.runs import (
     METRICS_FILE,
+    NAN_FILE,
     MetricsLog,
-    ProgressTail,
+    fit_workers,
     latest_checkpoint,
     load_checkpoint,
     plot_metrics,
@@ -43,7 +44,6 @@ from train.config import TrainConfig
 from train.losses import PROMPT_LOSSES
 
 CONFIG_FILE = "config.toml"
-NAN_FILE = "nan.json"
 FAULT_MARKER = ".fault_injected"
 
 
@@ -244,8 +244,6 @@ def train(
 ) -> TrainResult:
     """Run (or resume) a training run; returns when it is done and exported."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     cfg, facts = prepare_run(cfg, resume=resume, overwrite=overwrite)
@@ -255,37 +253,13 @@ def train(
     # epoch from it (train.data: a rank's rows and their order are a function of seed, epoch).
     facts["plan"] = ray.put(facts["plan"])
     facts["caption_ids"] = ray.put(facts["caption_ids"])
-    use_gpu = cfg.run.gpus_per_worker > 0
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"config": cfg.to_dict(), "run": str(run), **facts},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name="ray",
-            storage_path=str(run),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-        ),
-    )
-    bar = ProgressTail(run / METRICS_FILE, cfg.steps, enabled=progress)
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; say what failed and what to do
-        from store.cluster import ray_failure_cause
-
-        raise TrainError(
-            f"training failed after {cfg.run.max_failures} restart(s): {ray_failure_cause(e)}. "
-            f"Then continue with: facetclip train --resume {run}"
-        ) from None
-    finally:
-        bar.close()
-    nan = run / NAN_FILE
-    if nan.is_file():
-        info = json.loads(nan.read_text())
+    info = fit_workers(
+        worker_loop, {"config": cfg.to_dict(), "run": str(run), **facts}, run, cfg.run,
+        cfg.steps, progress=progress, failed=lambda cause: TrainError(
+            f"training failed after {cfg.run.max_failures} restart(s): {cause}. "
+            f"Then continue with: facetclip train --resume {run}"),
+    )  # fmt: skip
+    if info is not None:
         if info.get("valid_images") == 0:  # not the optimiser: no image could be read at all
             raise TrainError(
                 f"no image of the batch at step {info['step']} could be read or decoded (missing "
