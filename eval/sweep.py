@@ -322,9 +322,18 @@ def trial_configs(
     for t in trials:
         c = base.assign(t.params, "[search]")
         c.out = str(out / "runs" / t.name)
-        # same model, loss and facets: the same checks (building a big tower costs seconds)
+        # same model, loss, facets, prompt options and image cache: the same checks (building
+        # a big tower costs seconds)
         key = json.dumps(
-            [c.model.__dict__, c.loss, c.num_facets, c.facet_mode, c.facets],
+            [
+                c.model.__dict__,
+                c.loss,
+                c.num_facets,
+                c.facet_mode,
+                c.facets,
+                c.prompt.__dict__,
+                c.image_cache,
+            ],  # fmt: skip
             default=str,
             sort_keys=True,
         )

@@ -84,6 +84,19 @@ def test_sweep_toml_is_parsed_expanded_and_checked(data, tmp_path):
     assert Path(c.out) == tmp_path / "out" / "runs" / "t003-lr=0.01-loss=clip"
 
 
+def test_every_trials_prompt_options_are_checked_before_ray(data, tmp_path, tiny_model):
+    # Two trials alike but for prompt.llm: the second one's LLM is checked too, not skipped as
+    # "same model, same loss" (a missing LLM would otherwise surface inside a Ray worker).
+    synth, cache = data
+    cfg = SweepConfig.from_dict({
+        "base": {"loss": "caption-lm", "num_facets": 1, "steps": 2,
+                 "prompt.captions": str(synth / "captions.parquet")},
+        "search": {"prompt.llm": [str(tiny_model), str(tmp_path / "no-such-llm")]},
+    })  # fmt: skip
+    with pytest.raises(InputError, match="no-such-llm"):
+        trial_configs(cfg, expand_trials(cfg), tmp_path / "out", str(synth / "images"), str(cache))
+
+
 def test_random_search_draws_are_a_function_of_the_seed():
     d = {
         "search": {
