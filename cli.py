@@ -188,9 +188,20 @@ def tiny_llm(
     steps: Annotated[
         int | None, typer.Option(min=0, max=1_000_000, help="Pre-training steps; 0 = untrained.")
     ] = None,
-    hidden_size: Annotated[int, typer.Option(min=16, max=4096)] = 128,
-    layers: Annotated[int, typer.Option(min=1, max=64)] = 4,
+    hidden_size: Annotated[
+        int | None, typer.Option(min=16, max=4096, help="Width (default 128).")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(min=1, max=64, help="Layers (default 2).")] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    probe: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=100_000,
+            help="Held-out captions for a facet probe before and "
+            "after training (nearest centroid per facet); 0 = none.",
+        ),
+    ] = 0,  # fmt: skip
     overwrite: OverwriteOpt = False,
 ) -> None:
     """A small Llama-architecture causal LM + tokenizer, briefly pre-trained on synthetic captions.
@@ -200,9 +211,10 @@ def tiny_llm(
     _quiet_libraries()
     from eval import TinyLLMConfig, build_tiny_llm, render_tiny_llm
 
-    kwargs = dict(hidden_size=hidden_size, num_layers=layers, seed=seed, overwrite=overwrite)
-    if steps is not None:
-        kwargs["steps"] = steps
+    kwargs = dict(seed=seed, overwrite=overwrite, probe_n=probe)
+    for name, value in (("steps", steps), ("hidden_size", hidden_size), ("num_layers", layers)):
+        if value is not None:
+            kwargs[name] = value
     console.print(render_tiny_llm(build_tiny_llm(out, TinyLLMConfig(**kwargs))))
 
 

@@ -2,7 +2,7 @@
 the demo. Nothing is downloaded: the tokenizer and the weights are trained here, from the
 synthetic captions of ``eval.synth``.
 
-    facetclip tiny-llm OUT                 # trained (about 4 minutes on 2 CPU cores)
+    facetclip tiny-llm OUT                 # trained (a few minutes on 2 CPU cores)
     facetclip tiny-llm OUT --steps 0       # untrained weights, trained tokenizer (seconds)
 
     >>> from eval.tiny_llm import TinyLLMConfig, build_tiny_llm, probe_facets
@@ -17,7 +17,7 @@ prediction on the synthetic captions wrapped in the recipes' own prompts, each f
 followed by that facet's true one-word answer, e.g.
 
     <s>Detailed Image description : "<long caption>" . After thinking step by step , the
-    category of the main object in this image means in just one word:"star"</s>
+    category of the main object in this image means in just one word:" star"</s>
 
 A prompt group is trained the way the hf engine embeds it: the context ``BOS + prefix +
 caption + suffix`` once, then every facet (with its answer) behind a block attention mask and
@@ -85,31 +85,59 @@ ZERO_SHOT_TEMPLATES = (
 )
 PROBE_FACETS = ("main_object", "main_characteristic", "minor_object", "atmosphere")
 MAX_CAPTION_TOKENS = 512
+# Answers are trained with a leading space (`...one word:" star"`): a byte-level BPE gives a
+# word after a space its own token (" star" and "star" differ), and captions only ever hold
+# the spaced form. With it, answering a facet is copying a token of the caption; without it
+# the model must also learn a second token per answer word, and held-out facet probes stayed
+# near chance for colour, mood and often the main object (see TinyLLMConfig).
+ANSWER_SPACE = " "
 HELDOUT_CAPTIONS = 32  # captions after the training range whose loss is reported
 
 
 @dataclass
 class TinyLLMConfig:
-    """Size and training budget of the small LM. The defaults take about 4 minutes on 2 CPU
-    cores; ``steps=0`` keeps the random initial weights (the tokenizer is still trained).
+    """Size and training budget of the small LM; ``steps=0`` keeps the random initial
+    weights (the tokenizer is still trained).
 
-    lr 6e-3 rather than 3e-3: with 600 steps, facet probes of held-out long captions (nearest
-    centroid, 150 vs 150) reached main object 1.00 and minor object 0.86, against 0.93 and
-    0.30 at 3e-3. Training longer is not safer: 900 steps learned the mood (1.00) and lost
-    the main object (0.09). Colour and mood stay near chance at these defaults."""
+    Chosen with the held-out facet probe (``facet_probe``: nearest centroid, 200 long captions
+    beyond the training range; main object / main colour / minor object / mood; chance
+    0.08-0.13), one thread each, two runs at a time:
 
-    steps: int = 600
+    ====================================================  ==========================  ======
+    change (cumulative unless marked)                     probe                       steps
+    ====================================================  ==========================  ======
+    before: 4 layers, 2 kv heads, lr 6e-3, answer w. 4    0.14 / 0.24 / 0.29 / 0.23   600
+    answers with a space (ANSWER_SPACE)                   0.36 / 0.12 / 0.29 / 0.19   600
+    lr 3e-3                                               0.09 / 0.23 / 0.27 / 0.88   600
+    the same, 1200 steps                                  0.10 / 0.89 / 0.27 / 1.00   1200
+    2 layers, 4 kv heads (twice as fast a step)           1.00 / 0.13 / 0.88 / 1.00   1200
+    + 2 sketches per caption, half of them rich           0.11 / 0.98 / 0.26 / 1.00   1200
+    (2 layers) answer weight 16, plain sketches           0.98 / 0.17 / 1.00 / 1.00   600/1200
+    2 layers, rich sketches and answer weight 16          1.00 / 0.98 / 1.00 / 1.00   1200
+    the same with a 600-step schedule                     1.00 / 0.13 / 0.42 / 0.15   500/600
+    ====================================================  ==========================  ======
+
+    Each facet is learnt suddenly (a few hundred steps from chance to 0.9+), and which facets
+    are learnt first varied from run to run: answering is copying a word of the caption, which
+    fights what the captions teach the LM about the next shape or colour (the minor object's
+    is always another one than the main object's, so "not the one already named" is a good
+    guess there). Answer weight 16 lets copying win; the rich sketches teach which colour
+    belongs to the main object. Steps are what 2 cores can afford: 1200 take about 4 minutes
+    (the demo's tiny-llm step)."""
+
+    steps: int = 1200
     hidden_size: int = 128
-    num_layers: int = 4
+    num_layers: int = 2
     num_heads: int = 4
-    num_kv_heads: int = 2
+    num_kv_heads: int = 4
     intermediate_size: int = 384
     vocab_size: int = 3000  # an upper bound: BPE stops when the corpus has no more merges
     n_captions: int = 3000
     seed: int = 0
-    lr: float = 6e-3
+    lr: float = 3e-3
     batch_tokens: int = 4096  # padded tokens per optimiser step
-    answer_weight: float = 4.0  # loss weight of answer tokens relative to all other tokens
+    answer_weight: float = 16.0  # loss weight of answer tokens relative to all other tokens
+    sketches: int = 2  # scene sketches per caption (short sentences asked every facet)
     probe_n: int = 0  # held-out captions for a facet probe before and after training; 0: none
     overwrite: bool = False
 
@@ -151,6 +179,7 @@ class TinyLLMConfig:
             0 <= self.answer_weight <= 1000,
             f"answer_weight must be in 0..1000, got {self.answer_weight}",
         )
+        need(0 <= self.sketches <= 100, f"sketches must be in 0..100, got {self.sketches}")
         need(0 <= self.probe_n <= 100_000, f"probe_n must be in 0..100000, got {self.probe_n}")
 
 
@@ -184,17 +213,31 @@ def _prompt_groups(sample) -> list[tuple[str, str, dict[str, str]]]:
 # Scene sketches: one short sentence holding every facet's answer, asked all 7 long facets.
 # The answer sits among a handful of words instead of ~250, so the model learns early which
 # kind of word each facet asks for (the gradient to attend to it is not diluted over a long
-# caption); in long captions the same circuit then finds the most-mentioned such word, which
-# is the right answer in ~99% of synthetic captions.
+# caption). Half of them are plain (the main object first); the other half name the objects
+# in either order, told apart by their size words, sometimes beside the background and the
+# extra object's colour and shape: the model cannot answer "the main object's colour" with
+# "the first colour", it has to find the colour bound to the main object, as in long captions.
+# No sketch starts with an answer word: the first word of a caption has no space before it,
+# so it would be a different token from the answer (ANSWER_SPACE).
 SKETCH_TEMPLATES = (
     "a {main} {rel} {minor}, {mood} mood.",
-    "{mood} picture of a {main} {rel} {minor}.",
+    "a {mood} picture of a {main} {rel} {minor}.",
     "a photo of a {main} {rel} {minor} in a {mood} mood.",
-    "{mood} scene: a {main} {rel} {minor}.",
+    "a {mood} scene: a {main} {rel} {minor}.",
 )
+RICH_SKETCH_TEMPLATES = (
+    "{scene}, {mood} mood.",
+    "a {mood} picture of {scene}.",
+    "a photo of {scene} in a {mood} mood.",
+    "a {mood} scene: {scene}.",
+)
+RICH_SKETCH_SHARE = 0.5
+_INVERSE = {"above": "below", "below": "above", "beside": "beside", "overlapping": "overlapping"}
 
 
 def _sketch_caption(sample, rng: random.Random) -> str:
+    if rng.random() < RICH_SKETCH_SHARE:
+        return _rich_sketch_caption(sample, rng)
     a = sample.answers
     main = f"{rng.choice(['', 'large ', 'huge '])}{a['main_characteristic']} {a['main_object']}"
     if a["action"] == "alone":
@@ -205,6 +248,24 @@ def _sketch_caption(sample, rng: random.Random) -> str:
         main=main, rel=rel, minor=minor, mood=a["atmosphere"]
     )
     return " ".join(text.replace(" ,", ",").replace(" .", ".").split())
+
+
+def _rich_sketch_caption(sample, rng: random.Random) -> str:
+    a, at = sample.answers, sample.attributes
+    main = f"{at['main_size']} {a['main_characteristic']} {a['main_object']}"
+    if a["action"] == "alone":
+        scene = f"a {main} alone"
+    elif rng.random() < 0.5:
+        minor = f"{at['minor_size']} {a['minor_characteristic']} {a['minor_object']}"
+        scene = f"a {main} {a['action']} a {minor}"
+    else:  # the minor object first: "a tiny blue heart above a large orange square"
+        minor = f"{at['minor_size']} {a['minor_characteristic']} {a['minor_object']}"
+        scene = f"a {minor} {_INVERSE[a['action']]} a {main}"
+    if at["extra_shape"] != "nothing" and rng.random() < 0.5:
+        scene += f" and a tiny {at['extra_color']} {at['extra_shape']} in a corner"
+    if rng.random() < 0.5:
+        scene += f" on a {at['background']} background"
+    return rng.choice(RICH_SKETCH_TEMPLATES).format(scene=scene, mood=a["atmosphere"])
 
 
 def _zero_shot_caption(sample, rng: random.Random) -> str:
@@ -218,7 +279,7 @@ def _tokenizer_texts(samples: Sequence) -> Iterable[str]:
     """Everything the tokenizer will see, each piece as it is tokenized later (alone)."""
     prompt_pieces = [LONG_PREFIX, SHORT_PREFIX, CONTEXT_SUFFIX, *LONG_FACETS.values()]
     templates = [re.sub(r"\{\w+\}", "", t) for t in ZERO_SHOT_TEMPLATES]
-    templates += [re.sub(r"\{\w+\}", "", t) for t in SKETCH_TEMPLATES]
+    templates += [re.sub(r"\{\w+\}", "", t) for t in SKETCH_TEMPLATES + RICH_SKETCH_TEMPLATES]
     for s in samples:
         yield from (
             clean_caption(s.caption),
@@ -228,7 +289,7 @@ def _tokenizer_texts(samples: Sequence) -> Iterable[str]:
         # Once per caption, like in training, so prompt words get merged into whole tokens.
         yield from prompt_pieces
         yield from templates
-        yield from (f'{a}"' for a in s.answers.values())
+        yield from (f'{ANSWER_SPACE}{a}"' for a in s.answers.values())
 
 
 def train_tokenizer(samples: Sequence, vocab_size: int):
@@ -350,17 +411,17 @@ class _Encoder:
 
 
 def training_rows(
-    samples: Sequence, enc: _Encoder, answer_weight: float, seed: int
+    samples: Sequence, enc: _Encoder, answer_weight: float, seed: int, sketches: int = 1
 ) -> list[PackedItem]:
     """One row per sample, joining its prompts: the raw, short and long prompt groups with
     every facet answered, a zero-shot class prompt answered with the main object (and, when it
-    names a colour, with that colour too), a scene sketch asked every long facet, and one
-    bare caption. Keeping a sample's prompts together makes every batch a mix of all kinds
+    names a colour, with that colour too), ``sketches`` scene sketches asked every long facet,
+    and one bare caption. Keeping a sample's prompts together makes every batch a mix of all kinds
     (batches of one kind only, e.g. all alt-texts, make the loss and the updates jumpy)."""
     rng = random.Random(seed)
 
     def answer(word: str) -> list[int]:  # the one-word answer, its closing quote, then EOS
-        return enc(word + '"') + [enc.eos]
+        return enc(ANSWER_SPACE + word + '"') + [enc.eos]
 
     rows = []
     for s in samples:
@@ -380,10 +441,11 @@ def training_rows(
         items.append(
             pack_prompt(zs_context, [enc(t) for t in zs_facets.values()], answers, answer_weight)
         )
-        sketch_context = enc.context(SHORT_PREFIX, clean_caption(_sketch_caption(s, rng)))
         answers = [answer(s.answers[name]) for name in LONG_FACETS]
         facet_ids = [enc(text) for text in LONG_FACETS.values()]
-        items.append(pack_prompt(sketch_context, facet_ids, answers, answer_weight))
+        for _ in range(sketches):
+            sketch_context = enc.context(SHORT_PREFIX, clean_caption(_sketch_caption(s, rng)))
+            items.append(pack_prompt(sketch_context, facet_ids, answers, answer_weight))
         bare = rng.choice([s.caption, s.short_caption, s.long_caption])
         items.append(pack_prompt([enc.bos] + enc(bare)[:MAX_CAPTION_TOKENS] + [enc.eos]))
         rows.append(join_items(items))
@@ -555,7 +617,7 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
     )
 
     enc = _Encoder(tok)
-    rows = training_rows(samples, enc, cfg.answer_weight, cfg.seed)
+    rows = training_rows(samples, enc, cfg.answer_weight, cfg.seed, cfg.sketches)
     heldout = training_rows(
         _synth_samples(HELDOUT_CAPTIONS, cfg.seed, start=cfg.n_captions), enc, 2.0, cfg.seed + 1
     )

@@ -44,7 +44,15 @@ def tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_tiny_llm(
         out,
-        TinyLLMConfig(steps=0, hidden_size=64, intermediate_size=128, n_captions=400),
+        TinyLLMConfig(
+            steps=0,
+            hidden_size=64,
+            intermediate_size=128,
+            n_captions=400,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+        ),  # fmt: skip
         progress=False,
     )
     return out

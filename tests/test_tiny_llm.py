@@ -192,3 +192,29 @@ def test_packed_rows_match_standalone_sequences(tiny_dirs, offline):
                 packed[0, end - 1], alone(context + facet), rtol=1e-5, atol=1e-5
             )
         torch.testing.assert_close(packed[1, 2], alone([1, 45, 46]), rtol=1e-5, atol=1e-5)
+
+
+def test_an_answer_is_a_token_its_caption_holds(tiny_dirs):
+    """Answers are trained as `:" star"`, with the space: answering a facet is then copying a
+    token of the caption (a byte-level BPE gives " star" and "star" different ids)."""
+    from transformers import AutoTokenizer
+
+    from eval.tiny_llm import (
+        ANSWER_SPACE,
+        PROBE_FACETS,
+        _rich_sketch_caption,
+        _sketch_caption,
+        _synth_samples,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[0] / "untrained")
+    rng = __import__("random").Random(0)
+    for s in _synth_samples(30, seed=0, start=5000):
+        for text in (s.long_caption, _sketch_caption(s, rng), _rich_sketch_caption(s, rng)):
+            held = set(tok(text, add_special_tokens=False)["input_ids"])
+            for facet in PROBE_FACETS:
+                word = s.answers[facet]
+                if word == "nothing":  # no minor object: the answer is not in the caption
+                    continue
+                first = tok(ANSWER_SPACE + word + '"', add_special_tokens=False)["input_ids"][0]
+                assert first in held, (facet, word, text)
