@@ -1013,16 +1013,20 @@ def demo(
         int | None, typer.Option(min=0, help="tiny-llm pre-training steps (default: its own).")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(min=10, help="Training steps per run (default: 500).")
+        int | None, typer.Option(min=10, help="Training steps per run (default: 300).")
     ] = None,
     workers: Annotated[int, typer.Option(min=1, max=8, help="Ray Train workers.")] = 2,
     compare: Annotated[
         bool | None,
         typer.Option(
-            help="Also train on recipes prompteol and llm2clip and compare (default: on; off "
-            "with --llm smollm2)."
+            help="Also train on the other --recipes and compare (default: on; off with --llm "
+            "smollm2)."
         ),
     ] = None,
+    recipes: Annotated[
+        str,
+        typer.Option(help="Recipes compared, flame first (prompteol adds a run of a few minutes)."),
+    ] = "flame,llm2clip",
     captioning: Annotated[
         bool | None,
         typer.Option(
@@ -1044,7 +1048,8 @@ def demo(
     from eval import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, n=n, seed=seed, llm=llm, llm_steps=llm_steps, workers=workers,
-                     compare=compare, captioning=captioning, overwrite=overwrite)  # fmt: skip
+                     compare=compare, captioning=captioning, overwrite=overwrite,
+                     recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()))  # fmt: skip
     if steps is not None:
         cfg.steps = steps
     run_demo(cfg, console)

