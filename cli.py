@@ -1013,7 +1013,7 @@ def demo(
         int | None, typer.Option(min=0, help="tiny-llm pre-training steps (default: its own).")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(min=10, help="Training steps per run (default: 300).")
+        int | None, typer.Option(min=10, help="Training steps per run (default: 400).")
     ] = None,
     workers: Annotated[int, typer.Option(min=1, max=8, help="Ray Train workers.")] = 2,
     compare: Annotated[
