@@ -110,3 +110,10 @@ def test_demo_refuses_a_non_empty_out_without_overwrite(tmp_path):
     with pytest.raises(InputError, match="--overwrite"):
         run_demo(DemoConfig(out=tmp_path))
     assert (tmp_path / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("recipes", [("llm2clip",), ("flame", "flame"), ("flame", "clip"), ()])
+def test_bad_recipe_lists_are_refused_before_any_work(tmp_path, recipes):
+    with pytest.raises(InputError, match="give flame first"):
+        run_demo(DemoConfig(out=tmp_path / "out", recipes=recipes))
+    assert not (tmp_path / "out").exists()
