@@ -201,7 +201,7 @@ def tiny_llm(
             help="Held-out captions for a facet probe before and "
             "after training (nearest centroid per facet); 0 = none.",
         ),
-    ] = 0,  # fmt: skip
+    ] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """A small Llama-architecture causal LM + tokenizer, briefly pre-trained on synthetic captions.
