@@ -322,18 +322,10 @@ def trial_configs(
     for t in trials:
         c = base.assign(t.params, "[search]")
         c.out = str(out / "runs" / t.name)
-        # same model, loss, facets, prompt options and image cache: the same checks (building
-        # a big tower costs seconds)
+        # same model, loss, facets and prompt options: the same checks (building a big tower
+        # costs seconds; the image cache is FIXED, the same for every trial)
         key = json.dumps(
-            [
-                c.model.__dict__,
-                c.loss,
-                c.num_facets,
-                c.facet_mode,
-                c.facets,
-                c.prompt.__dict__,
-                c.image_cache,
-            ],  # fmt: skip
+            [c.model.__dict__, c.loss, c.num_facets, c.facet_mode, c.facets, c.prompt.__dict__],
             default=str,
             sort_keys=True,
         )

@@ -223,6 +223,7 @@ def fit_workers(
 
     from store.cluster import ray_failure_cause
 
+    run = Path(run)
     use_gpu = options.gpus_per_worker > 0
     resources = {"CPU": options.cpus_per_worker}
     if use_gpu:
@@ -239,14 +240,14 @@ def fit_workers(
             failure_config=FailureConfig(max_failures=options.max_failures),
         ),
     )
-    bar = ProgressTail(Path(run) / METRICS_FILE, steps, progress, label, info)
+    bar = ProgressTail(run / METRICS_FILE, steps, progress, label, info)
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors: say what failed, in one line
         raise failed(ray_failure_cause(e)) from None
     finally:
         bar.close()
-    nan = Path(run) / NAN_FILE
+    nan = run / NAN_FILE
     return json.loads(nan.read_text()) if nan.is_file() else None
 
 

@@ -4,6 +4,7 @@ DDP workers against one process on the concatenated batch."""
 from __future__ import annotations
 
 import math
+import os
 import socket
 
 import numpy as np
@@ -200,6 +201,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str):
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # saved: skip interpreter teardown, where gloo workers can abort (test_tune)
 
 
 def _free_port() -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from store.errors import FacetclipError, InputError
-from store.runs import NAN_FILE, fit_workers
+from store.runs import METRICS_FILE, NAN_FILE, fit_workers
 
 
 @dataclass
@@ -33,7 +33,7 @@ def _rank0_logs_then_records_nan(config: dict) -> None:
 
     if train.get_context().get_world_rank() == 0:
         run = Path(config["run"])
-        (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
+        (run / METRICS_FILE).write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
         (run / NAN_FILE).write_text(json.dumps({"step": 8, "loss": "nan"}))
 
 

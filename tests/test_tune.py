@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,10 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save({k: v.grad for k, v in model.named_parameters()}, out)
     dist.destroy_process_group()
+    # The result is on disk. Leave without interpreter teardown: on torch 2.11 (CPU) a spawned
+    # gloo worker aborts there in about 1 run of 3 ("terminate called without an active
+    # exception", after destroy_process_group returned), which is not what this test checks.
+    os._exit(0)
 
 
 def _grad_problem():
