@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -208,7 +209,7 @@ def test_an_answer_is_a_token_its_caption_holds(tiny_dirs):
     )
 
     tok = AutoTokenizer.from_pretrained(tiny_dirs[0] / "untrained")
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     for s in _synth_samples(30, seed=0, start=5000):
         for text in (s.long_caption, _sketch_caption(s, rng), _rich_sketch_caption(s, rng)):
             held = set(tok(text, add_special_tokens=False)["input_ids"])
