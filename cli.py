@@ -1024,9 +1024,12 @@ def demo(
         ),
     ] = None,
     recipes: Annotated[
-        str,
-        typer.Option(help="Recipes compared, flame first (prompteol adds a run of a few minutes)."),
-    ] = "flame,llm2clip",
+        str | None,
+        typer.Option(
+            help="Recipes compared, flame first (default flame,llm2clip; prompteol adds a run "
+            "of a few minutes)."
+        ),
+    ] = None,
     captioning: Annotated[
         bool | None,
         typer.Option(
@@ -1048,10 +1051,11 @@ def demo(
     from eval import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, n=n, seed=seed, llm=llm, llm_steps=llm_steps, workers=workers,
-                     compare=compare, captioning=captioning, overwrite=overwrite,
-                     recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()))  # fmt: skip
+                     compare=compare, captioning=captioning, overwrite=overwrite)  # fmt: skip
     if steps is not None:
         cfg.steps = steps
+    if recipes is not None:
+        cfg.recipes = tuple(r.strip() for r in recipes.split(",") if r.strip())
     run_demo(cfg, console)
 
 

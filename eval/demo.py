@@ -2,9 +2,9 @@
 
 synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> train (Ray,
 2 workers) -> eval (held-out retrieval; zero-shot on shapes, on colour+shape, and on colour+
-shape pairs never seen as a main object) -> a comparison of recipes flame / prompteol /
-llm2clip with the same tower and steps, llm2clip with its caption-contrastive tuning of the LM
-first (`facetclip tune`) -> P-Former captioning (eval.demo_captioning: pformer -> embed --recipe
+shape pairs never seen as a main object) -> a comparison of recipes flame and llm2clip
+(``--recipes`` adds prompteol) with the same tower and steps, llm2clip with its
+caption-contrastive tuning of the LM first (`facetclip tune`) -> P-Former captioning (eval.demo_captioning: pformer -> embed --recipe
 pformer -> train --loss prompt-align -> eval --task captioning) -> DEMO_OUT/REPORT.md with every
 figure beside its chance level and where every file is.
 """
@@ -22,8 +22,8 @@ from rich.table import Table
 from eval.demo_captioning import CaptionDemoConfig
 from store.errors import InputError
 
-# A small ResNet (4.9M parameters) from scratch at 64 px: about 2.3 minutes on 2 CPU cores
-# for 500 steps. A tiny ViT (4 blocks, width 128) was tried first: at the same budget it
+# A small ResNet (4.9M parameters) from scratch at 64 px: about 4 minutes on 2 CPU cores for
+# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23). A tiny ViT (4 blocks, width 128) was tried first: at the same budget it
 # learned almost nothing (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from
 # scratch need far more steps than a convolution's built-in locality does.
 DEMO_TOWER = "resnet10t"
@@ -63,7 +63,8 @@ class DemoConfig:
     caption: CaptionDemoConfig = field(default_factory=CaptionDemoConfig)
     overwrite: bool = False
     # llm2clip's CC tuning; None: embed.tune.cpu_miniature's 300. 150 for time: the tuned tiny
-    # LM retrieves long captions from short ones at top-1 0.68 (300 steps: 0.74; base 0.004).
+    # LM retrieves long captions from short ones at top-1 0.68 (300 steps: 0.74; base 0.004);
+    # its 75 warm-up steps are then half the schedule (the cap of embed.tune).
     tune_steps: int | None = 150
 
 
@@ -127,6 +128,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
         )
     n = cfg.n if cfg.n is not None else DEFAULT_N[cfg.llm]
     compare = cfg.compare if cfg.compare is not None else cfg.llm == "tiny"
+    if not compare and tuple(cfg.recipes) != COMPARE:
+        raise InputError(
+            f"--recipes {','.join(cfg.recipes)} compares recipes, but comparing is off "
+            "(--no-compare, or --llm smollm2 without --compare)"
+        )
     captioning = cfg.captioning if cfg.captioning is not None else cfg.llm == "tiny"
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):

@@ -86,8 +86,8 @@ ZERO_SHOT_TEMPLATES = (
 PROBE_FACETS = ("main_object", "main_characteristic", "minor_object", "atmosphere")
 MAX_CAPTION_TOKENS = 512
 # Answers are trained with a leading space (`...one word:" star"`): a byte-level BPE gives a
-# word after a space its own token (" star" and "star" differ), and captions only ever hold
-# the spaced form. With it, answering a facet is copying a token of the caption; without it
+# word after a space its own token (" star" and "star" differ), and long and short captions
+# and the sketches hold the spaced form (some raw alt-texts start with the shape). With it, answering a facet is copying a token of the caption; without it
 # the model must also learn a second token per answer word, and held-out facet probes stayed
 # near chance for colour, mood and often the main object (see TinyLLMConfig).
 ANSWER_SPACE = " "
@@ -99,9 +99,10 @@ class TinyLLMConfig:
     """Size and training budget of the small LM; ``steps=0`` keeps the random initial
     weights (the tokenizer is still trained).
 
-    Chosen with the held-out facet probe (``facet_probe``: nearest centroid, 200 long captions
-    beyond the training range; main object / main colour / minor object / mood; chance
-    0.08-0.13), one thread each, two runs at a time:
+    Chosen with the held-out facet probe (``probe_facets``: nearest centroid, 200 long
+    captions beyond the training range; main object / main colour / minor object / mood;
+    chance 1/9 for shapes and colours, 1/6 for moods), one thread each, two runs at a time;
+    "steps" is where the probe was read, "a/b" read at step a of a b-step schedule:
 
     ====================================================  ==========================  ======
     change (cumulative unless marked)                     probe                       steps
@@ -183,7 +184,10 @@ class TinyLLMConfig:
             f"answer_weight must be in 0..1000, got {self.answer_weight}",
         )
         need(0 <= self.sketches <= 100, f"sketches must be in 0..100, got {self.sketches}")
-        need(0 <= self.probe_n <= 100_000, f"probe_n must be in 0..100000, got {self.probe_n}")
+        need(
+            self.probe_n == 0 or 4 <= self.probe_n <= 100_000,
+            f"probe_n must be 0 (no probe) or in 4..100000, got {self.probe_n}",
+        )
 
 
 @dataclass
@@ -593,8 +597,13 @@ def build_tiny_llm(out: str | Path, cfg: TinyLLMConfig, progress: bool = True) -
         if cfg.probe_n:
             log["probe_trained"] = facet_probe(model, tok, probe_samples)
     if cfg.probe_n:
+        before, after = log["probe_untrained"], log.get("probe_trained")
+        scores = [
+            f"{f} {v:.2f}" + (f" -> {after[f]:.2f}" if after else "") for f, v in before.items()
+        ]
         console.print(
-            f"tiny-llm: facet probe (nearest centroid) {log.get('probe_trained', log['probe_untrained'])}"
+            f"tiny-llm: facet probe (nearest centroid, {cfg.probe_n} held-out long captions; "
+            f"untrained{' -> trained' if after else ''}): {', '.join(scores)}"
         )
     log["initial_loss"], log["final_loss"] = initial_loss, final_loss
 

@@ -122,7 +122,13 @@ def build_small_llm(out: Path) -> Path:
     from eval.tiny_llm import TinyLLMConfig, build_tiny_llm
 
     cfg = TinyLLMConfig(
-        steps=0, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512, n_captions=400
+        steps=0,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=512,
+        n_captions=400,
     )
     build_tiny_llm(out, cfg, progress=False)
     return out

@@ -117,3 +117,22 @@ def test_bad_recipe_lists_are_refused_before_any_work(tmp_path, recipes):
     with pytest.raises(InputError, match="give flame first"):
         run_demo(DemoConfig(out=tmp_path / "out", recipes=recipes))
     assert not (tmp_path / "out").exists()
+
+
+def test_recipes_are_refused_when_nothing_is_compared(tmp_path):
+    with pytest.raises(InputError, match="comparing is off"):
+        run_demo(DemoConfig(out=tmp_path / "out", compare=False, recipes=("flame", "prompteol")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_reads_a_recipe_list_with_spaces_and_refuses_a_bad_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--recipes", " flame , clip "])
+    assert result.exit_code == 2, result.output  # an input error: one line, no traceback
+    assert "Traceback" not in result.output
+    assert "--recipes flame,clip: give flame first" in " ".join(result.output.split())
+    assert not out.exists()

@@ -143,6 +143,8 @@ def test_refuses_non_empty_out_unless_overwrite(tmp_path):
         (dict(lr=0.0), "lr must be in"),
         (dict(batch_tokens=10), "batch_tokens must be in 256"),
         (dict(answer_weight=-1.0), "answer_weight must be in 0"),
+        (dict(sketches=-1), "sketches must be in 0"),
+        (dict(probe_n=2), "probe_n must be 0 .no probe. or in 4"),
     ],
 )
 def test_bad_config_is_refused_with_the_allowed_range(tmp_path, change, match):
@@ -219,3 +221,20 @@ def test_an_answer_is_a_token_its_caption_holds(tiny_dirs):
                     continue
                 first = tok(ANSWER_SPACE + word + '"', add_special_tokens=False)["input_ids"][0]
                 assert first in held, (facet, word, text)
+
+
+def test_the_cli_prints_the_probe_it_logs(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from eval.tiny_llm import PROBE_FACETS
+
+    out = tmp_path / "tiny"
+    args = ["tiny-llm", str(out), "--steps", "0", "--hidden-size", "32", "--layers", "1"]
+    r = CliRunner().invoke(app, [*args, "--probe", "12"])
+    assert r.exit_code == 0, r.output
+    logged = json.loads((out / "training_log.json").read_text())["probe_untrained"]
+    printed = " ".join(r.output.split())
+    assert "facet probe (nearest centroid, 12 held-out long captions; untrained)" in printed
+    for facet in PROBE_FACETS:
+        assert f"{facet} {logged[facet]:.2f}" in printed
