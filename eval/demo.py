@@ -4,9 +4,10 @@ synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> tr
 2 workers) -> eval (held-out retrieval; zero-shot on shapes, on colour+shape, and on colour+
 shape pairs never seen as a main object) -> a comparison of recipes flame and llm2clip
 (``--recipes`` adds prompteol) with the same tower and steps, llm2clip with its
-caption-contrastive tuning of the LM first (`facetclip tune`) -> P-Former captioning (eval.demo_captioning: pformer -> embed --recipe
-pformer -> train --loss prompt-align -> eval --task captioning) -> DEMO_OUT/REPORT.md with every
-figure beside its chance level and where every file is.
+caption-contrastive tuning of the LM first (`facetclip tune`) -> P-Former captioning
+(eval.demo_captioning: pformer -> embed --recipe pformer -> train --loss prompt-align -> eval
+--task captioning) -> DEMO_OUT/REPORT.md with every figure beside its chance level and where
+every file is.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from eval.demo_captioning import CaptionDemoConfig
 from store.errors import InputError
 
 # A small ResNet (4.9M parameters) from scratch at 64 px: about 4 minutes on 2 CPU cores for
-# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23). A tiny ViT (4 blocks, width 128) was tried first: at the same budget it
-# learned almost nothing (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from
-# scratch need far more steps than a convolution's built-in locality does.
+# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23). A tiny
+# ViT (4 blocks, width 128) was tried first: at the same budget it learned almost nothing
+# (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from scratch need far more
+# steps than a convolution's built-in locality does.
 DEMO_TOWER = "resnet10t"
 DEMO_TOWER_KWARGS: dict = {}
 # The recipes the demo compares by default: FLAME and LLM2CLIP (with its tuning). `--recipes`

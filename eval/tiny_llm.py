@@ -87,9 +87,10 @@ PROBE_FACETS = ("main_object", "main_characteristic", "minor_object", "atmospher
 MAX_CAPTION_TOKENS = 512
 # Answers are trained with a leading space (`...one word:" star"`): a byte-level BPE gives a
 # word after a space its own token (" star" and "star" differ), and long and short captions
-# and the sketches hold the spaced form (some raw alt-texts start with the shape). With it, answering a facet is copying a token of the caption; without it
-# the model must also learn a second token per answer word, and held-out facet probes stayed
-# near chance for colour, mood and often the main object (see TinyLLMConfig).
+# and the sketches hold the spaced form (some raw alt-texts start with the shape). With it,
+# answering a facet is copying a token of the caption; without it the model must also learn
+# a second token per answer word, and held-out facet probes stayed near chance for colour,
+# mood and often the main object (see TinyLLMConfig).
 ANSWER_SPACE = " "
 HELDOUT_CAPTIONS = 32  # captions after the training range whose loss is reported
 

@@ -266,8 +266,9 @@ def test_short_training_lifts_held_out_retrieval_above_chance(tmp_path, tiny_mod
     scaled, chance, stderr = rank.mean() / (n - 1), 0.5, (1 / 12) ** 0.5 / n**0.5
     recall = retrieval_recall(images, texts, np.arange(n))
     print(
-        f"held-out mean rank {scaled:.3f} (chance 0.5, {(chance - scaled) / stderr:.1f} standard"
-        f" errors); R@1 i2t {recall['i2t_R@1']:.3f} t2i {recall['t2i_R@1']:.3f} (chance {1 / n:.4f})"
+        f"held-out mean rank {scaled:.3f} (chance 0.5, {(chance - scaled) / stderr:.1f} "
+        f"standard errors); R@1 i2t {recall['i2t_R@1']:.3f} t2i {recall['t2i_R@1']:.3f} "
+        f"(chance {1 / n:.4f})"
     )
     assert scaled <= chance - 4 * stderr
 
