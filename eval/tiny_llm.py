@@ -261,13 +261,12 @@ def _sketch_caption(sample, rng: random.Random) -> str:
 def _rich_sketch_caption(sample, rng: random.Random) -> str:
     a, at = sample.answers, sample.attributes
     main = f"{at['main_size']} {a['main_characteristic']} {a['main_object']}"
+    minor = f"{at['minor_size']} {a['minor_characteristic']} {a['minor_object']}"
     if a["action"] == "alone":
         scene = f"a {main} alone"
     elif rng.random() < 0.5:
-        minor = f"{at['minor_size']} {a['minor_characteristic']} {a['minor_object']}"
         scene = f"a {main} {a['action']} a {minor}"
     else:  # the minor object first: "a tiny blue heart above a large orange square"
-        minor = f"{at['minor_size']} {a['minor_characteristic']} {a['minor_object']}"
         scene = f"a {minor} {_INVERSE[a['action']]} a {main}"
     if at["extra_shape"] != "nothing" and rng.random() < 0.5:
         scene += f" and a tiny {at['extra_color']} {at['extra_shape']} in a corner"

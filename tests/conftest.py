@@ -52,7 +52,7 @@ def tiny_model(tmp_path_factory):
             num_layers=4,
             num_heads=4,
             num_kv_heads=2,
-        ),  # fmt: skip
+        ),
         progress=False,
     )
     return out
