@@ -77,6 +77,7 @@ class DemoReport:
     seconds: dict[str, float] = field(default_factory=dict)
     results: dict[str, dict] = field(default_factory=dict)  # recipe -> eval name -> report
     captioning: list[dict] = field(default_factory=list)  # eval.captioning.demo_rows
+    reconstruction: dict | None = None  # eval.prompt_reconstruction, P-Former on text alone
     cra: dict | None = None  # caption-retrieval accuracy before/after llm2clip's CC tuning
 
 
@@ -215,8 +216,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     if captioning:  # P-Former: prompts from text, captions from images (issue 14)
         from eval.demo_captioning import caption_block
 
-        report.captioning, paths = caption_block(data, model, out, cfg.caption, step,
-                                                 i + 1, cfg.seed, cfg.workers)  # fmt: skip
+        report.captioning, report.reconstruction, paths = caption_block(
+            data, model, out, cfg.caption, step, i + 1, cfg.seed, cfg.workers)  # fmt: skip
         report.paths |= paths
     report.paths["report"] = out / "REPORT.md"
     md = final_report(report, cfg)
@@ -289,10 +290,10 @@ def final_report(report: DemoReport, cfg: DemoConfig) -> str:
         lines += ["", f"## llm2clip's caption-contrastive tuning of the LM ({report.cra['pairs']} held-out pairs)",
                   "", "| caption-retrieval accuracy | base LM | tuned LM | chance |", "|---|---|---|---|"]  # fmt: skip
         lines += [f"| {n} | {b:.3f} | {t:.3f} | {c:.3f} |" for n, b, t, c in cra_rows(report.cra)]
-    if report.captioning:
+    if report.captioning or report.reconstruction:
         from eval.demo_captioning import report_lines
 
-        lines += report_lines(report.captioning)
+        lines += report_lines(report.captioning, report.reconstruction)
     lines += ["", "## Where everything is", ""]
     lines += [f"- {name}: `{path}`" for name, path in report.paths.items()]
     lines += ["- per-eval reports and figures: `runs/<recipe>/eval/` (JSON, markdown, PNG)",

@@ -25,6 +25,21 @@ position ids that restart after the context (``embed.packing``). Each facet stil
 its standalone sequence, but the long caption is computed once for 7 answers instead of 7
 times, so the answers get most of the compute.
 
+Why prefixed documents (``prefixed``): P-Former (``embed.pformer``) and captioning put soft
+prompts *ahead of* BOS and ask the frozen LM to say the caption, which works only with an LM
+whose next word depends on what came before. A real LLM learns that from packed web text; an
+LM trained on one caption per sequence never needs its prefix (the first mention of the main
+object is unpredictable from the caption's earlier words), so no prompt could steer it. So
+each sample also gives documents like
+
+    <s>a huge pink triangle above a small green heart, calm mood.</s><s>The centre of
+    attention is a huge triangle in pink, …
+
+where the caption's objects can be copied from the sketch before it. Measured (200 held-out
+long captions, 157 naming the main object within 32 tokens; teacher-forced accuracy at its
+first mention): with no prefix 0.09, after ``<s>sketch</s>`` 0.25 without prefixed documents
+and 0.94 with two per sample (1,200 steps).
+
 The output directory is a standard checkpoint (``config.json``, ``model.safetensors``,
 ``tokenizer.json``, ``tokenizer_config.json``) that ``AutoModelForCausalLM`` /
 ``AutoTokenizer`` and vLLM load offline, plus ``training_log.json``.
@@ -92,6 +107,10 @@ MAX_CAPTION_TOKENS = 512
 # a second token per answer word, and held-out facet probes stayed near chance for colour,
 # mood and often the main object (see TinyLLMConfig).
 ANSWER_SPACE = " "
+# Prefixed documents (``TinyLLMConfig.prefixed``): a scene sketch, then the opening of a caption
+# of the same scene, as one sequence. 48 tokens reach the main object's first mention in most
+# long captions; the rest of a caption teaches nothing about the prefix and costs tokens.
+PREFIXED_TOKENS = 48
 HELDOUT_CAPTIONS = 32  # captions after the training range whose loss is reported
 
 
@@ -119,6 +138,8 @@ class TinyLLMConfig:
     the same with a 600-step schedule                     1.00 / 0.13 / 0.42 / 0.15   500/600
     the same with a 2400-step schedule (2x longer)        1.00 / 1.00 / 1.00 / 1.00   2400
     the defaults on 2 threads (the demo's model)          0.99 / 0.17 / 0.71 / 1.00   1200
+    defaults + 2 prefixed documents (1 thread)            1.00 / 0.21 / 1.00 / 1.00   1200
+    the same with a 2400-step schedule                    1.00 / 0.98 / 1.00 / 1.00   2400
     ====================================================  ==========================  ======
 
     Each facet is learnt suddenly (a few hundred steps from chance to 0.9+), and which facets
@@ -143,6 +164,7 @@ class TinyLLMConfig:
     batch_tokens: int = 4096  # padded tokens per optimiser step
     answer_weight: float = 16.0  # loss weight of answer tokens relative to all other tokens
     sketches: int = 2  # scene sketches per caption (short sentences asked every facet)
+    prefixed: int = 2  # caption openings per sample that follow a sketch of their scene
     probe_n: int = 0  # held-out captions for a facet probe before and after training; 0: none
     overwrite: bool = False
 
@@ -185,6 +207,7 @@ class TinyLLMConfig:
             f"answer_weight must be in 0..1000, got {self.answer_weight}",
         )
         need(0 <= self.sketches <= 100, f"sketches must be in 0..100, got {self.sketches}")
+        need(0 <= self.prefixed <= 100, f"prefixed must be in 0..100, got {self.prefixed}")
         need(
             self.probe_n == 0 or 4 <= self.probe_n <= 100_000,
             f"probe_n must be 0 (no probe) or in 4..100000, got {self.probe_n}",
@@ -418,12 +441,18 @@ class _Encoder:
 
 
 def training_rows(
-    samples: Sequence, enc: _Encoder, answer_weight: float, seed: int, sketches: int = 1
+    samples: Sequence,
+    enc: _Encoder,
+    answer_weight: float,
+    seed: int,
+    sketches: int = 1,
+    prefixed: int = 0,
 ) -> list[PackedItem]:
     """One row per sample, joining its prompts: the raw, short and long prompt groups with
     every facet answered, a zero-shot class prompt answered with the main object (and, when it
     names a colour, with that colour too), ``sketches`` scene sketches asked every long facet,
-    and one bare caption. Keeping a sample's prompts together makes every batch a mix of all kinds
+    one bare caption, and ``prefixed`` prefixed documents (a sketch, then the opening of a
+    caption of the same scene, attending to it). Keeping a sample's prompts together makes every batch a mix of all kinds
     (batches of one kind only, e.g. all alt-texts, make the loss and the updates jumpy)."""
     rng = random.Random(seed)
 
@@ -455,6 +484,11 @@ def training_rows(
             items.append(pack_prompt(sketch_context, facet_ids, answers, answer_weight))
         bare = rng.choice([s.caption, s.short_caption, s.long_caption])
         items.append(pack_prompt([enc.bos] + enc(bare)[:MAX_CAPTION_TOKENS] + [enc.eos]))
+        for _ in range(prefixed):
+            sketch = [enc.bos] + enc(clean_caption(_sketch_caption(s, rng))) + [enc.eos]
+            text = enc(rng.choice([s.short_caption, s.long_caption]))
+            end = [enc.eos] if len(text) <= PREFIXED_TOKENS else []  # cut documents have none
+            items.append(pack_prompt(sketch + [enc.bos] + text[:PREFIXED_TOKENS] + end))
         rows.append(join_items(items))
     return rows
 
@@ -629,7 +663,7 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
     )
 
     enc = _Encoder(tok)
-    rows = training_rows(samples, enc, cfg.answer_weight, cfg.seed, cfg.sketches)
+    rows = training_rows(samples, enc, cfg.answer_weight, cfg.seed, cfg.sketches, cfg.prefixed)
     heldout = training_rows(
         _synth_samples(HELDOUT_CAPTIONS, cfg.seed, start=cfg.n_captions), enc, 2.0, cfg.seed + 1
     )

@@ -144,6 +144,7 @@ def test_refuses_non_empty_out_unless_overwrite(tmp_path):
         (dict(batch_tokens=10), "batch_tokens must be in 256"),
         (dict(answer_weight=-1.0), "answer_weight must be in 0"),
         (dict(sketches=-1), "sketches must be in 0"),
+        (dict(prefixed=101), "prefixed must be in 0"),
         (dict(probe_n=2), "probe_n must be 0 .no probe. or in 4"),
     ],
 )
@@ -238,3 +239,48 @@ def test_the_cli_prints_the_probe_it_logs(tmp_path):
     assert "facet probe (nearest centroid, 12 held-out long captions; untrained)" in printed
     for facet in PROBE_FACETS:
         assert f"{facet} {logged[facet]:.2f}" in printed
+
+
+def test_prefixed_documents_put_a_sketch_before_a_caption_opening(tiny_dirs):
+    """``prefixed`` adds, per sample, that many ``<s>sketch</s><s>opening`` documents: the
+    opening of the sample's short or long caption, trained as next-token prediction that may
+    attend to the sketch (one item, segment 0), so the LM learns to use what precedes BOS."""
+    from transformers import AutoTokenizer
+
+    from eval.tiny_llm import (
+        PREFIXED_TOKENS,
+        _Encoder,
+        _synth_samples,
+        attention_allowed,
+        training_rows,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs[0] / "untrained")
+    enc = _Encoder(tok)
+    samples = _synth_samples(6, seed=0, start=5000)
+    plain = training_rows(samples, enc, 4.0, seed=0, sketches=1, prefixed=0)
+    rows = training_rows(samples, enc, 4.0, seed=0, sketches=1, prefixed=2)
+    for s, row, base in zip(samples, rows, plain, strict=True):
+        assert max(row.item) == max(base.item) + 2
+        for n in (max(row.item) - 1, max(row.item)):
+            at = [i for i, it in enumerate(row.item) if it == n]
+            ids = [row.ids[i] for i in at]
+            starts = [i for i, t in enumerate(ids) if t == tok.bos_token_id]
+            assert starts[0] == 0 and len(starts) == 2 and ids[starts[1] - 1] == tok.eos_token_id
+            opening = ids[starts[1] + 1 :]
+            if opening[-1] == tok.eos_token_id:  # a whole (short) caption ends its document
+                opening = opening[:-1]
+            assert 0 < len(opening) <= PREFIXED_TOKENS
+            assert any(
+                enc(text)[: len(opening)] == opening for text in (s.short_caption, s.long_caption)
+            )
+            sketch = tok.decode(ids[1 : starts[1] - 1])
+            assert s.answers["main_object"] in sketch
+            assert [row.segment[i] for i in at] == [0] * len(at)
+            assert [row.position[i] for i in at] == list(range(len(at)))
+            assert [row.target[i] for i in at[:-1]] == ids[1:]
+            item = torch.tensor([row.item])
+            allowed = attention_allowed(item, torch.tensor([row.segment]))[0]
+            # the opening's last token sees the whole sketch, and nothing of other items
+            assert allowed[at[-1], at[0] : at[-1] + 1].all()
+            assert not allowed[at[-1], : at[0]].any()
