@@ -452,8 +452,9 @@ def training_rows(
     every facet answered, a zero-shot class prompt answered with the main object (and, when it
     names a colour, with that colour too), ``sketches`` scene sketches asked every long facet,
     one bare caption, and ``prefixed`` prefixed documents (a sketch, then the opening of a
-    caption of the same scene, attending to it). Keeping a sample's prompts together makes every batch a mix of all kinds
-    (batches of one kind only, e.g. all alt-texts, make the loss and the updates jumpy)."""
+    caption of the same scene, attending to it). Keeping a sample's prompts together makes
+    every batch a mix of all kinds (batches of one kind only, e.g. all alt-texts, make the
+    loss and the updates jumpy)."""
     rng = random.Random(seed)
 
     def answer(word: str) -> list[int]:  # the one-word answer, its closing quote, then EOS
