@@ -5,9 +5,9 @@ synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> tr
 shape pairs never seen as a main object) -> a comparison of recipes flame and llm2clip
 (``--recipes`` adds prompteol) with the same tower and steps, llm2clip with its
 caption-contrastive tuning of the LM first (`facetclip tune`) -> P-Former captioning
-(eval.demo_captioning: pformer -> embed --recipe pformer -> train --loss prompt-align -> eval
---task captioning) -> DEMO_OUT/REPORT.md with every figure beside its chance level and where
-every file is.
+(eval.demo_captioning: pformer + its text-only check -> embed --recipe pformer -> train
+--loss prompt-align -> eval --task captioning) -> DEMO_OUT/REPORT.md with every figure beside
+its chance level and where every file is.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class DemoConfig:
     caption: CaptionDemoConfig = field(default_factory=CaptionDemoConfig)
     overwrite: bool = False
     # llm2clip's CC tuning; None: embed.tune.cpu_miniature's 300. 150 for time: the tuned tiny
-    # LM retrieves long captions from short ones at top-1 0.68 (300 steps: 0.74; base 0.004);
+    # LM retrieves long captions from short ones at top-1 0.66-0.68 (300 steps: 0.74; base
+    # 0.002-0.004);
     # its 75 warm-up steps are then half the schedule (the cap of embed.tune).
     tune_steps: int | None = 150
 

@@ -1,6 +1,8 @@
 """The demo's P-Former block (issue 14, papers.md §3): captions from images through the frozen LM.
 
-pformer (a prompt predictor trained on the synthetic captions alone) -> embed --recipe pformer
+pformer (a prompt predictor trained on the synthetic captions alone; then the text-only check,
+eval.prompt_reconstruction: does the frozen LM say a held-out caption's main object from its
+predicted prompts?) -> embed --recipe pformer
 (each training caption's N prompts cached) -> train --loss prompt-align (the prompt image head
 pulled towards the cached prompts; no LLM in the loop) -> eval --task captioning on the held-out
 retrieval images: the share of generated captions naming the main object's true shape and
@@ -22,8 +24,9 @@ from pathlib import Path
 @dataclass
 class CaptionDemoConfig:
     # stage one: the prompt predictor (a fraction of `facetclip pformer`'s default size)
-    # held-out main-object word said from the predicted prompts (chance 0.11), 2026-11-30:
-    # 150 steps 0.14, 300 steps 0.51, 600 steps 0.83
+    # held-out main-object word said from the predicted prompts (chance 0.11), 2026-11-30, on
+    # a 1-thread tiny LM: 150 steps 0.14, 300 steps 0.51, 600 steps 0.83 (the demo's 2-thread
+    # LM of the same day, 600 steps: 0.56)
     pformer_steps: int = 600
     # The contrastive term's positives: each long caption's short caption of the same image
     # (synth writes both). With masked copies of one caption as positives, the pooled code
@@ -81,7 +84,8 @@ def caption_block(
         # The text-only claim, on the held-out captions: do the predicted prompts make the LM
         # say the caption, and name its main object, better than random or another's prompts?
         return pf, reconstruction_check(pf.predictor, retrieval / "captions.parquet",
-                                        data / "labels.parquet", n=200, seed=seed)  # fmt: skip
+                                        data / "labels.parquet", n=cfg.limit or 200,
+                                        seed=seed)  # fmt: skip
 
     pf, recon = step(first, f"pformer: prompt predictor on the captions alone ({cfg.pformer_steps} "
                             "steps) + text-only check", pformer_and_check)  # fmt: skip

@@ -105,8 +105,8 @@ def test_demo_captions_held_out_images_with_both_prompt_losses(demo):
     # P-Former's text-only check, on the held-out captions, in the report as measured
     recon = report.reconstruction
     assert set(recon["conditions"]) == {"predicted", "shuffled", "random", "none"}
-    assert recon["captions"] == 200 and recon["n_prompts"] == cfg.caption.n_prompts
-    assert "## P-Former on text alone (200 held-out captions" in md
+    assert recon["captions"] == cfg.caption.limit and recon["n_prompts"] == cfg.caption.n_prompts
+    assert f"## P-Former on text alone ({cfg.caption.limit} held-out captions" in md
     c = recon["conditions"]["predicted"]
     assert f"| predicted | {c['token_acc']:.3f} | {c['loss']:.3f} |" in md
     assert (cfg.out / "cache" / "pformer" / "manifest.json").is_file()
