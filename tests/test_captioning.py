@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cli import app
@@ -30,7 +31,14 @@ from eval.captioning import (
 from eval.synth import COLORS, SHAPES
 from store.errors import InputError
 from store.prompting import IGNORE
-from store.prompts import iter_prompts, mean_prompt, prompt_shape, read_head, rows_to_prompts
+from store.prompts import (
+    iter_prompts,
+    mean_prompt,
+    prompt_scale,
+    prompt_shape,
+    read_head,
+    rows_to_prompts,
+)
 from store.runs import save_checkpoint
 from train.config import TrainConfig
 from train.export import export_model, load
@@ -209,6 +217,36 @@ def test_both_cache_forms_give_stage_two_the_same_prompts(prompt_data):
     np.testing.assert_allclose(a, b, atol=2e-3)  # the full form stores float16
     every = np.concatenate([p for _, p in iter_prompts(full)])
     np.testing.assert_allclose(mean_prompt(full), every.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+    # the prompt head's output scale: RMS deviation from each slot's mean, in both forms
+    spread = float(np.sqrt(((every - every.mean(axis=0)) ** 2).mean()))
+    assert prompt_scale(full) == pytest.approx(spread, rel=1e-5)
+    assert prompt_scale(code) == pytest.approx(spread, rel=2e-2)  # full stores float16
+
+
+def test_the_prompt_head_fits_targets_at_the_scale_of_llm_embeddings():
+    """Targets vary by ~0.05 (an LLM's input-embedding scale): with ``out_scale`` set to that
+    spread the head learns them (toy data: 9 patch-token patterns -> 9 prompt sets); loading
+    a state dict saved before ``out_scale`` existed gives scale 1."""
+    torch.manual_seed(0)
+    classes, targets = torch.randn(9, 4, 32), torch.randn(9, N_PROMPTS, 16) * 0.05
+    head = PromptHead(32, 16, N_PROMPTS, width=32, layers=1, heads=2)
+    head.out_scale.fill_(0.05)
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(200):
+        y = torch.randint(0, 9, (32,))
+        loss = F.mse_loss(head(classes[y] + 0.5 * torch.randn(32, 4, 32)), targets[y])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    y = torch.arange(9).repeat(20)
+    with torch.no_grad():
+        residual = F.mse_loss(head(classes[y] + 0.5 * torch.randn(len(y), 4, 32)), targets[y])
+    assert residual < 0.1 * targets[y].var(0).mean()  # > 90% of the variance explained
+    old = {k: v for k, v in head.state_dict().items() if k != "out_scale"}
+    fresh = PromptHead(32, 16, N_PROMPTS, width=32, layers=1, heads=2)
+    fresh.out_scale.fill_(0.5)
+    fresh.load_state_dict(old)
+    assert float(fresh.out_scale) == 1.0
 
 
 def test_prompt_align_needs_a_prompt_cache(train_data, tmp_path):
@@ -432,6 +470,9 @@ def test_prompt_align_and_caption_lm_train_on_ray_and_caption(prompt_data, tiny_
         c = caption_images(CaptionConfig(run=tmp_path / name, images=synth / "eval" / "retrieval",
                                          max_new_tokens=4, progress=False))  # fmt: skip
         assert c.captions == 8
+        # the head's output scale is the cache's prompt spread, in the exported model
+        exported = load_file(tmp_path / name / "model" / "model.safetensors")
+        assert float(exported["image_head.out_scale"]) == pytest.approx(prompt_scale(cache))
     # prompt-align was given no LLM; captioning finds it through the predictor of its cache
     from eval.captioning import run_llm
 

@@ -104,14 +104,16 @@ def prepare_run(
         "image_dim": plan.image_dim if cfg.image_cache else None,
         "join": _as_dict(plan.stats),
         "text_mean": None,
+        "prompt_scale": None,
         "plan": plan,
         "prompt_form": layout.get("prompt_form"),
         "caption_ids": None,
     }
     if cfg.loss in PROMPT_LOSSES:
-        from train.prompt_step import caption_ids, prompt_text_mean
+        from train.prompt_step import caption_ids, prompt_scale_of, prompt_text_mean
 
         facts["text_mean"] = prompt_text_mean(cfg, facts["prompt_form"])
+        facts["prompt_scale"] = prompt_scale_of(cfg, facts["prompt_form"])
         if cfg.loss == "caption-lm":  # tokenised once, here: a missing caption fails before Ray
             facts["caption_ids"] = caption_ids(cfg, plan.table.column("key").to_pylist())
     if cfg.model.center_text and facts["text_mean"] is None:
@@ -310,6 +312,8 @@ def worker_loop(loop_cfg: dict) -> None:
         # center_text's offset lives in the model (a buffer saved with the weights), so the
         # export applies exactly what the loss saw here.
         model.set_text_mean(torch.tensor(loop_cfg["text_mean"]))
+    if loop_cfg.get("prompt_scale") is not None:
+        model.set_prompt_scale(loop_cfg["prompt_scale"])  # saved with the weights, as above
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     ckpt = latest_checkpoint(run)
     if ckpt is not None:

@@ -366,6 +366,18 @@ class FacetCLIP(nn.Module):
             raise ValueError(f"text mean must have shape [{self.text_dim}], got {list(mean.shape)}")
         self.text_mean.copy_(mean)
 
+    @torch.no_grad()
+    def set_prompt_scale(self, scale: float) -> None:
+        """Set the "prompt" head's output scale: the spread of the prompts it is trained
+        towards (``train.prompt_head`` says why)."""
+        if self.cfg.image_head != "prompt":
+            raise ValueError(
+                f"only the prompt head has an output scale, not {self.cfg.image_head!r}"
+            )
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"prompt scale must be finite and > 0, got {scale}")
+        self.image_head.out_scale.fill_(scale)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if self.tower is not None:  # heads alone keep no activations worth recomputing
             self.tower.set_grad_checkpointing(enable)

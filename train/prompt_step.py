@@ -94,6 +94,16 @@ def prompt_text_mean(cfg: TrainConfig, form: str | None) -> list[float] | None:
     return mean_prompt(cfg.cache).tolist()
 
 
+def prompt_scale_of(cfg: TrainConfig, form: str | None) -> float | None:
+    """The "prompt" head's output scale for a run: the spread of the cache's prompts (None
+    when the cache is not a prompt cache, e.g. caption-lm against another cache: scale 1)."""
+    if form is None:
+        return None
+    from store.prompts import prompt_scale
+
+    return prompt_scale(cfg.cache)
+
+
 def caption_ids(cfg: TrainConfig, keys: list[str]) -> dict[str, list[int]]:
     """caption-lm's LLM input per key (BOS + caption + EOS), tokenised as P-Former tokenised
     its captions; InputError when a joined key has no caption."""
