@@ -66,8 +66,7 @@ class DemoConfig:
     overwrite: bool = False
     # llm2clip's CC tuning; None: embed.tune.cpu_miniature's 300. 150 for time: the tuned tiny
     # LM retrieves long captions from short ones at top-1 0.66-0.68 (300 steps: 0.74; base
-    # 0.002-0.004);
-    # its 75 warm-up steps are then half the schedule (the cap of embed.tune).
+    # 0.002-0.004); its 75 warm-up steps are then half the schedule (the cap of embed.tune).
     tune_steps: int | None = 150
 
 
