@@ -125,31 +125,24 @@ def rows_to_prompts(vectors: np.ndarray, head: dict[str, np.ndarray] | None) -> 
     return expand_codes(np.asarray(vectors)[:, 0], head)
 
 
-def prompt_scale(cache: str | Path | Cache, batch_rows: int = 1024) -> float:
-    """The prompts' spread: the root mean square, over every element, of each prompt slot's
-    deviation from that slot's mean (the scale a regression onto these prompts must resolve;
-    ``train.prompt_head`` outputs in its units). Two passes, bounded memory."""
-    total, count = None, 0
+def prompt_stats(cache: str | Path | Cache, batch_rows: int = 1024) -> tuple[np.ndarray, float]:
+    """One pass over a prompt cache, in either form, for what a run against it needs:
+
+    - the mean of every row's every prompt, [D] float32 (what ``center_text`` subtracts);
+    - the prompts' spread: the root mean square, over every element, of each prompt slot's
+      deviation from that slot's mean (the scale a regression onto these prompts must
+      resolve; ``train.prompt_head`` outputs in its units).
+
+    Sums and sums of squares per slot in float64, so memory stays one batch and one [N, D]."""
+    total = squares = None
+    count = 0
     for _, prompts in iter_prompts(cache, batch_rows):
-        s = prompts.astype(np.float64).sum(axis=0)
-        total = s if total is None else total + s
-        count += prompts.shape[0]
+        p = prompts.astype(np.float64)
+        s, q = p.sum(axis=0), (p * p).sum(axis=0)
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += len(p)
     if total is None:
         raise CacheError(f"{cache} holds no rows")
-    mean, sq = total / count, 0.0
-    for _, prompts in iter_prompts(cache, batch_rows):
-        sq += float(((prompts.astype(np.float64) - mean) ** 2).sum())
-    return float(np.sqrt(sq / (count * mean.size)))
-
-
-def mean_prompt(cache: str | Path | Cache, batch_rows: int = 1024) -> np.ndarray:
-    """[D] float32: the mean of every row's every prompt, in either form (what ``center_text``
-    subtracts when a run trains against prompts)."""
-    total, count = None, 0
-    for _, prompts in iter_prompts(cache, batch_rows):
-        s = prompts.astype(np.float64).sum(axis=(0, 1))
-        total = s if total is None else total + s
-        count += prompts.shape[0] * prompts.shape[1]
-    if total is None:
-        raise CacheError(f"{cache} holds no rows")
-    return (total / count).astype(np.float32)
+    slot_mean = total / count  # [N, D]; every slot has `count` rows, so their mean is the mean
+    variance = np.maximum(squares / count - slot_mean**2, 0.0)
+    return slot_mean.mean(axis=0).astype(np.float32), float(np.sqrt(variance.mean()))

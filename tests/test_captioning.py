@@ -33,9 +33,8 @@ from store.errors import InputError
 from store.prompting import IGNORE
 from store.prompts import (
     iter_prompts,
-    mean_prompt,
-    prompt_scale,
     prompt_shape,
+    prompt_stats,
     read_head,
     rows_to_prompts,
 )
@@ -216,11 +215,12 @@ def test_both_cache_forms_give_stage_two_the_same_prompts(prompt_data):
     b = rows_to_prompts(code_rows["code"][:, None], head)
     np.testing.assert_allclose(a, b, atol=2e-3)  # the full form stores float16
     every = np.concatenate([p for _, p in iter_prompts(full)])
-    np.testing.assert_allclose(mean_prompt(full), every.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+    mean, scale = prompt_stats(full)
+    np.testing.assert_allclose(mean, every.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
     # the prompt head's output scale: RMS deviation from each slot's mean, in both forms
     spread = float(np.sqrt(((every - every.mean(axis=0)) ** 2).mean()))
-    assert prompt_scale(full) == pytest.approx(spread, rel=1e-5)
-    assert prompt_scale(code) == pytest.approx(spread, rel=2e-2)  # full stores float16
+    assert scale == pytest.approx(spread, rel=1e-5)
+    assert prompt_stats(code)[1] == pytest.approx(spread, rel=2e-2)  # full stores float16
 
 
 def test_the_prompt_head_fits_targets_at_the_scale_of_llm_embeddings():
@@ -472,7 +472,7 @@ def test_prompt_align_and_caption_lm_train_on_ray_and_caption(prompt_data, tiny_
         assert c.captions == 8
         # the head's output scale is the cache's prompt spread, in the exported model
         exported = load_file(tmp_path / name / "model" / "model.safetensors")
-        assert float(exported["image_head.out_scale"]) == pytest.approx(prompt_scale(cache))
+        assert float(exported["image_head.out_scale"]) == pytest.approx(prompt_stats(cache)[1])
     # prompt-align was given no LLM; captioning finds it through the predictor of its cache
     from eval.captioning import run_llm
 

@@ -110,10 +110,9 @@ def prepare_run(
         "caption_ids": None,
     }
     if cfg.loss in PROMPT_LOSSES:
-        from train.prompt_step import caption_ids, prompt_scale_of, prompt_text_mean
+        from train.prompt_step import caption_ids, prompt_statistics
 
-        facts["text_mean"] = prompt_text_mean(cfg, facts["prompt_form"])
-        facts["prompt_scale"] = prompt_scale_of(cfg, facts["prompt_form"])
+        facts["text_mean"], facts["prompt_scale"] = prompt_statistics(cfg, facts["prompt_form"])
         if cfg.loss == "caption-lm":  # tokenised once, here: a missing caption fails before Ray
             facts["caption_ids"] = caption_ids(cfg, plan.table.column("key").to_pylist())
     if cfg.model.center_text and facts["text_mean"] is None:

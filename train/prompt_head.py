@@ -9,7 +9,7 @@ A small Q-Former: every block lets the queries attend to each other, then to the
 then an MLP (pre-norm ``nn.TransformerDecoderLayer``: self-attention, cross-attention, MLP).
 The patch tokens are projected to the head's width and normalised once; the queries' output
 is normalised and projected to the LLM's width, then multiplied by ``out_scale``: a fixed
-buffer the trainer sets to the target prompts' spread (``store.prompts.prompt_scale``) and
+buffer the trainer sets to the target prompts' spread (``store.prompts.prompt_stats``) and
 saves with the weights.
 
 Why the fixed scale: prompts live in an LLM's input-embedding space, whose values are small

@@ -84,24 +84,19 @@ def llm_width(llm: str) -> int:
     return int(conf.get_text_config().hidden_size)
 
 
-def prompt_text_mean(cfg: TrainConfig, form: str | None) -> list[float] | None:
-    """``center_text``'s offset for a prompt run: the mean pooled prompt of the cache (None
-    when center_text is off, or the cache is not a prompt cache: then train's own mean)."""
-    if not cfg.model.center_text or form is None:
-        return None
-    from store.prompts import mean_prompt
-
-    return mean_prompt(cfg.cache).tolist()
-
-
-def prompt_scale_of(cfg: TrainConfig, form: str | None) -> float | None:
-    """The "prompt" head's output scale for a run: the spread of the cache's prompts (None
-    when the cache is not a prompt cache, e.g. caption-lm against another cache: scale 1)."""
+def prompt_statistics(
+    cfg: TrainConfig, form: str | None
+) -> tuple[list[float] | None, float | None]:
+    """What a prompt run takes from its cache, in one pass (``store.prompts.prompt_stats``):
+    ``center_text``'s offset, the mean prompt (None when center_text is off), and the "prompt"
+    head's output scale, the prompts' spread. (None, None) when the cache is not a prompt cache
+    (e.g. caption-lm against another cache): then train's own mean, and scale 1."""
     if form is None:
-        return None
-    from store.prompts import prompt_scale
+        return None, None
+    from store.prompts import prompt_stats
 
-    return prompt_scale(cfg.cache)
+    mean, spread = prompt_stats(cfg.cache)
+    return (mean.tolist() if cfg.model.center_text else None), spread
 
 
 def caption_ids(cfg: TrainConfig, keys: list[str]) -> dict[str, list[int]]:
