@@ -249,7 +249,7 @@ def render_caption(r: CaptionResult) -> str:
     return "\n".join(lines)
 
 
-def _image_rows(images: Path, image_format: str):
+def image_rows(images: Path, image_format: str):
     """(keys, bytes reader) of an image input: one image file, or anything store.images reads."""
     from store.images import is_image, read_image_bytes, scan_images
 
@@ -324,7 +324,7 @@ def caption_images(cfg: CaptionConfig) -> CaptionResult:
             f"{cfg.run} was trained with --loss {meta.get('loss')}; only runs trained "
             "with --loss prompt-align or caption-lm make prompts for an LLM"
         )
-    keys, read = _image_rows(cfg.images, cfg.image_format)
+    keys, read = image_rows(cfg.images, cfg.image_format)
     model = load(cfg.run)
     if cfg.limit is not None:
         keys = keys[: cfg.limit]
@@ -497,6 +497,11 @@ class CompareConfig:
     pformer-code) of their captions; captions: the same captions table (caption-lm's text);
     llm: the frozen LLM the predictor was trained for; eval_data: held-out image-caption pairs
     (synth's eval/retrieval) with labels.parquet beside or above them (or ``labels``).
+
+    tower_run: BLIP-2's and P-Former's setting, a frozen image encoder: this run's tower
+    embeds the training images once (`embed-images --from-run`, patch tokens pooled to a
+    ``grid`` x ``grid`` map, in OUT/image-cache) and both losses train the prompt head alone on
+    those tokens. None: the tower (``tower``, from scratch) trains end to end with the head.
     """
 
     out: Path
@@ -519,15 +524,24 @@ class CompareConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     limit: int | None = None
     losses: tuple[str, ...] = ("prompt-align", "caption-lm")
+    tower_run: Path | None = None
+    grid: int = 2
+
+    @property
+    def image_cache(self) -> Path | None:
+        """Where the frozen tower's tokens of the training images go (None: end to end)."""
+        return Path(self.out) / "image-cache" if self.tower_run is not None else None
 
 
 def compare_train_config(cfg: CompareConfig, loss: str):
     """The TrainConfig of one side of the comparison: everything but the loss is shared."""
     from train.config import TrainConfig
 
-    t = TrainConfig(images=str(cfg.images), cache=str(cfg.prompt_cache),
-                    out=str(Path(cfg.out) / loss), steps=cfg.steps, batch_size=cfg.batch_size,
-                    seed=cfg.seed, loss=loss)  # fmt: skip
+    frozen = cfg.image_cache is not None
+    t = TrainConfig(images="" if frozen else str(cfg.images),
+                    image_cache=str(cfg.image_cache) if frozen else "",
+                    cache=str(cfg.prompt_cache), out=str(Path(cfg.out) / loss), steps=cfg.steps,
+                    batch_size=cfg.batch_size, seed=cfg.seed, loss=loss)  # fmt: skip
     t.model.tower, t.model.text_head, t.model.embed_dim = cfg.tower, "linear", cfg.embed_dim
     t.data.image_size = cfg.image_size
     t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay = cfg.lr, 30, 0.05
@@ -554,6 +568,12 @@ def demo_rows(cfg: CompareConfig, progress: bool = False) -> list[dict]:
     from store.runs import METRICS_FILE, read_metrics
     from train.loop import CONFIG_FILE, check_config, train
 
+    if cfg.image_cache is not None:  # the frozen tower's tokens, once for both losses
+        from train.image_cache import ImageCacheConfig, run_embed_images
+
+        run_embed_images(ImageCacheConfig(images=Path(cfg.images), out=cfg.image_cache,
+                                          from_run=Path(cfg.tower_run), grid=cfg.grid),
+                         progress=progress)  # fmt: skip
     rows = []
     for loss in cfg.losses:
         t = compare_train_config(cfg, loss)
@@ -578,6 +598,8 @@ def demo_rows(cfg: CompareConfig, progress: bool = False) -> list[dict]:
                                          "shape_and_colour", "bleu4", "bleu4_blind",
                                          "reference_shape")},
             "shape_chance": r.chance["shape"], "colour_chance": r.chance["colour"],
+            "tower": (f"frozen ({Path(cfg.tower_run).name} run's, cached tokens)"
+                      if cfg.tower_run is not None else f"{cfg.tower}, trained end to end"),
             "final_loss": float(last["loss"]),
             "train_s": t1 - t0, "eval_s": time.perf_counter() - t1,
             "example": _first_caption(r),
@@ -609,6 +631,8 @@ def comparison_table(rows: list[dict]) -> str:
             f"{r['colour_blind']:.3f}) | {100 * r['bleu4']:.1f} ({100 * r['bleu4_blind']:.1f}) |"
         )
     if rows:
+        tower = f" Tower: {rows[0]['tower']}." if rows[0].get("tower") else ""
         lines.append(f"\n{rows[0]['images']} held-out images; the references name the main shape "
-                     f"first in {rows[0]['reference_shape']:.0%} of cases (the rates' ceiling).")  # fmt: skip
+                     f"first in {rows[0]['reference_shape']:.0%} of cases (the rates' ceiling)."
+                     f"{tower}")  # fmt: skip
     return "\n".join(lines)

@@ -128,7 +128,8 @@ def rows_to_prompts(vectors: np.ndarray, head: dict[str, np.ndarray] | None) -> 
 def prompt_stats(cache: str | Path | Cache, batch_rows: int = 1024) -> tuple[np.ndarray, float]:
     """One pass over a prompt cache, in either form, for what a run against it needs:
 
-    - the mean of every row's every prompt, [D] float32 (what ``center_text`` subtracts);
+    - each prompt slot's mean over the rows, [N, D] float32 (``train.prompt_head`` outputs
+      deviations from it; its mean over the slots is what ``center_text`` subtracts);
     - the prompts' spread: the root mean square, over every element, of each prompt slot's
       deviation from that slot's mean (the scale a regression onto these prompts must
       resolve; ``train.prompt_head`` outputs in its units).
@@ -145,4 +146,4 @@ def prompt_stats(cache: str | Path | Cache, batch_rows: int = 1024) -> tuple[np.
         raise CacheError(f"{cache} holds no rows")
     slot_mean = total / count  # [N, D]; every slot has `count` rows, so their mean is the mean
     variance = np.maximum(squares / count - slot_mean**2, 0.0)
-    return slot_mean.mean(axis=0).astype(np.float32), float(np.sqrt(variance.mean()))
+    return slot_mean.astype(np.float32), float(np.sqrt(variance.mean()))

@@ -22,7 +22,9 @@ from eval.captioning import (
     CaptionConfig,
     bleu4,
     caption_images,
+    decode,
     generate,
+    image_rows,
     main_mention,
     naming_rates,
     summarise,
@@ -120,6 +122,11 @@ def test_prompt_align_is_w_times_mse_plus_the_contrastive_term():
     assert float(out["loss_align"]) == pytest.approx(mse, rel=1e-5)
     assert float(out["loss_contrastive"]) == pytest.approx(con, rel=1e-5)
     assert float(out["loss"]) == pytest.approx(10 * mse + 0.5 * con, rel=1e-5)
+    # standardised: the MSE in units of the prompts' variance (spread 0.05 -> / 0.0025)
+    std = prompt_align_loss(pred, target, image, text, torch.tensor(7.0), weight=10.0,
+                            contrastive_weight=0.5, spread=0.05)  # fmt: skip
+    assert float(std["loss_align"]) == pytest.approx(mse / 0.0025, rel=1e-5)
+    assert float(std["loss"]) == pytest.approx(10 * mse / 0.0025 + 0.5 * con, rel=1e-5)
 
 
 def test_caption_lm_is_the_caption_tokens_cross_entropy_plus_the_contrastive_term():
@@ -142,8 +149,8 @@ def test_the_step_loss_in_one_process_is_the_pure_loss():
     image, text = unit(torch.randn(4, 5)), unit(torch.randn(4, 5))
     scale = torch.tensor(5.0)
     got = compute_prompt_loss("prompt-align", image, text, scale, 10.0, 1.0, prompts=pred,
-                              target=target)  # fmt: skip
-    want = prompt_align_loss(pred, target, image, text, scale, 10.0, 1.0)
+                              target=target, spread=0.3)  # fmt: skip
+    want = prompt_align_loss(pred, target, image, text, scale, 10.0, 1.0, spread=0.3)
     assert all(torch.allclose(got[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="not a prompt loss"):
         compute_prompt_loss("clip", image, text, scale, 1.0, 1.0)
@@ -190,9 +197,9 @@ def test_config_ties_the_prompt_head_to_the_prompt_losses():
     bad.model.image_head = "prompt"
     with pytest.raises(InputError, match="prompt-align or caption-lm"):
         bad.validate()
-    heads_only = TrainConfig(image_cache="icache", loss="prompt-align")  # no patch tokens there
-    with pytest.raises(InputError, match="needs images, not an image cache"):
-        heads_only.validate()
+    heads_only = TrainConfig(image_cache="icache", loss="prompt-align")  # a frozen tower's tokens
+    heads_only.validate()
+    assert heads_only.model.image_head == "prompt"
     d = TrainConfig(images="x", loss="prompt-align").override(["prompt.weight=3.0"]).to_dict()
     assert TrainConfig.from_dict(d).prompt.weight == 3.0
 
@@ -216,7 +223,9 @@ def test_both_cache_forms_give_stage_two_the_same_prompts(prompt_data):
     np.testing.assert_allclose(a, b, atol=2e-3)  # the full form stores float16
     every = np.concatenate([p for _, p in iter_prompts(full)])
     mean, scale = prompt_stats(full)
-    np.testing.assert_allclose(mean, every.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
+    # each slot's mean prompt (the head's output offset); center_text subtracts their mean
+    np.testing.assert_allclose(mean, every.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean.mean(axis=0), every.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
     # the prompt head's output scale: RMS deviation from each slot's mean, in both forms
     spread = float(np.sqrt(((every - every.mean(axis=0)) ** 2).mean()))
     assert scale == pytest.approx(spread, rel=1e-5)
@@ -224,13 +233,16 @@ def test_both_cache_forms_give_stage_two_the_same_prompts(prompt_data):
 
 
 def test_the_prompt_head_fits_targets_at_the_scale_of_llm_embeddings():
-    """Targets vary by ~0.05 (an LLM's input-embedding scale): with ``out_scale`` set to that
-    spread the head learns them (toy data: 9 patch-token patterns -> 9 prompt sets); loading
-    a state dict saved before ``out_scale`` existed gives scale 1."""
+    """Targets vary by ~0.05 around slot means far from zero (an LLM's input embeddings): with
+    ``out_scale`` and ``out_mean`` set to their spread and slot means the head learns them
+    (toy data: 9 patch-token patterns -> 9 prompt sets); loading a state dict saved before
+    these buffers existed gives scale 1 and mean 0, what it was trained with."""
     torch.manual_seed(0)
-    classes, targets = torch.randn(9, 4, 32), torch.randn(9, N_PROMPTS, 16) * 0.05
+    offset = torch.randn(N_PROMPTS, 16) * 0.5
+    classes, targets = torch.randn(9, 4, 32), offset + torch.randn(9, N_PROMPTS, 16) * 0.05
     head = PromptHead(32, 16, N_PROMPTS, width=32, layers=1, heads=2)
     head.out_scale.fill_(0.05)
+    head.out_mean.copy_(targets.mean(0))
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3, weight_decay=0.0)
     for _ in range(200):
         y = torch.randint(0, 9, (32,))
@@ -242,11 +254,12 @@ def test_the_prompt_head_fits_targets_at_the_scale_of_llm_embeddings():
     with torch.no_grad():
         residual = F.mse_loss(head(classes[y] + 0.5 * torch.randn(len(y), 4, 32)), targets[y])
     assert residual < 0.1 * targets[y].var(0).mean()  # > 90% of the variance explained
-    old = {k: v for k, v in head.state_dict().items() if k != "out_scale"}
+    old = {k: v for k, v in head.state_dict().items() if k not in ("out_scale", "out_mean")}
     fresh = PromptHead(32, 16, N_PROMPTS, width=32, layers=1, heads=2)
     fresh.out_scale.fill_(0.5)
+    fresh.out_mean.fill_(0.5)
     fresh.load_state_dict(old)
-    assert float(fresh.out_scale) == 1.0
+    assert float(fresh.out_scale) == 1.0 and not fresh.out_mean.any()
 
 
 def test_prompt_align_needs_a_prompt_cache(train_data, tmp_path):
@@ -470,13 +483,68 @@ def test_prompt_align_and_caption_lm_train_on_ray_and_caption(prompt_data, tiny_
         c = caption_images(CaptionConfig(run=tmp_path / name, images=synth / "eval" / "retrieval",
                                          max_new_tokens=4, progress=False))  # fmt: skip
         assert c.captions == 8
-        # the head's output scale is the cache's prompt spread, in the exported model
+        # the head's output offset and scale are the cache's slot means and prompt spread,
+        # in the exported model
         exported = load_file(tmp_path / name / "model" / "model.safetensors")
-        assert float(exported["image_head.out_scale"]) == pytest.approx(prompt_stats(cache)[1])
+        mean, spread = prompt_stats(cache)
+        assert float(exported["image_head.out_scale"]) == pytest.approx(spread)
+        np.testing.assert_allclose(exported["image_head.out_mean"].numpy(), mean, rtol=1e-6)
     # prompt-align was given no LLM; captioning finds it through the predictor of its cache
     from eval.captioning import run_llm
 
     assert run_llm(tmp_path / "align") == run_llm(tmp_path / "lm") == str(tiny_model)
+
+
+@pytest.mark.slow
+def test_prompt_losses_train_heads_only_on_a_frozen_tower_cache(prompt_data, tiny_model, tmp_path,
+                                                                 ray_session):  # fmt: skip
+    """BLIP-2's setting: the tower frozen, its patch tokens cached once (`embed-images --grid`),
+    only the prompt head trained. Both losses run on the cached tokens (caption-lm finds each
+    row's caption by key); the export puts the cache's tower back in front of the head, so
+    prompts from pixels equal the head on the cached tokens, and `caption` works on images."""
+    from train.image_cache import (
+        ImageCacheConfig,
+        cached_features,
+        open_image_cache,
+        run_embed_images,
+    )
+    from train.loop import check_config, train
+
+    synth, full, code = prompt_data
+    icache = tmp_path / "icache"
+    run_embed_images(ImageCacheConfig(images=synth / "images", out=icache, tower="resnet10t",
+                                      random_init=True, image_size=32, grid=1), progress=False)  # fmt: skip
+    pooled = tmp_path / "pooled"  # the pooled feature only: no tokens for the head to read
+    run_embed_images(ImageCacheConfig(images=synth / "images", out=pooled, tower="resnet10t",
+                                      random_init=True, image_size=32), progress=False)  # fmt: skip
+    cfg = TrainConfig(image_cache=str(pooled), cache=str(code), out=str(tmp_path / "p"),
+                      loss="prompt-align")  # fmt: skip
+    cfg.model = tiny_model_config()
+    with pytest.raises(InputError, match="embed the images with --grid"):
+        check_config(cfg)
+    for name, cache, loss in (("align", code, "prompt-align"), ("lm", full, "caption-lm")):
+        cfg = TrainConfig(image_cache=str(icache), cache=str(cache), out=str(tmp_path / name),
+                          loss=loss, steps=3, batch_size=8)  # fmt: skip
+        cfg.model = tiny_model_config()
+        cfg.optim.warmup_steps, cfg.run.log_every = 1, 1
+        if loss == "caption-lm":
+            cfg.prompt.llm, cfg.prompt.captions = str(tiny_model), str(synth / "captions.parquet")
+        train(cfg, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        term = "loss_align" if loss == "prompt-align" else "loss_lm"
+        assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r[term]) for r in rows)
+        model = load(tmp_path / name)
+        assert model.meta["image_cache"] == str(icache)
+        keys, read = image_rows(synth / "images", "auto")
+        keys, pixels = keys[:4], [decode(b)[0] for b in read(0, 4)]
+        from_pixels = model.prompt_tokens(pixels)
+        tokens = torch.from_numpy(cached_features(open_image_cache(icache), keys, token_grid=1))
+        with torch.no_grad():
+            from_cache = model.model.image_head(tokens)
+        torch.testing.assert_close(from_pixels, from_cache, atol=2e-3, rtol=1e-2)  # float16 cache
+        c = caption_images(CaptionConfig(run=tmp_path / name, images=synth / "eval" / "retrieval",
+                                         max_new_tokens=4, progress=False))  # fmt: skip
+        assert c.captions == 8
 
 
 def test_caption_lm_refuses_missing_captions_before_ray(prompt_data, tiny_model, tmp_path):

@@ -264,11 +264,12 @@ def test_batches_pair_each_text_with_its_own_image(data, partial_icache):
 
     def keys_of(rank: int, world: int, start: int = 0, epoch: int = 1) -> list[list[str]]:
         batches = []
-        for text, image in iter_pair_batches(plan, b, seed=3, epoch=epoch, rank=rank,
-                                             world_size=world, start_batch=start):  # fmt: skip
+        for text, image, names in iter_pair_batches(plan, b, seed=3, epoch=epoch, rank=rank,
+                                                    world_size=world, start_batch=start):  # fmt: skip
             assert text.shape == (b, 2, plan.text_dim) and image.shape == (b, 1, plan.image_dim)
             keys = [text_key[t.tobytes()] for t in text]
             assert keys == [image_key[i[0].tobytes()] for i in image]  # each row: one key
+            assert names == keys  # the keys it names are the rows' own
             batches.append(keys)
         return batches
 

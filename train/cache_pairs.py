@@ -3,7 +3,7 @@
 
     plan = plan_pairs("cache/flame", "icache/resnet", facets=None, image_vectors=["pooled"])
     plan.stats                     # keys on either side only: counted, left out, never an error
-    for text, image in iter_pair_batches(plan, batch_size=256, seed=0, epoch=0):
+    for text, image, keys in iter_pair_batches(plan, batch_size=256, seed=0, epoch=0):
         ...                        # float32 [B, K, Dt] and [B, V, Di] (V = 1 pooled, or G² tokens)
 
 Why not Ray Data here: the Ray Data pipeline of train.data exists to spread JPEG decoding and
@@ -203,10 +203,10 @@ def iter_pair_batches(
     world_size: int = 1,
     start_batch: int = 0,
     unit_rows: int = 8192,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """This rank's batches of one epoch, from batch ``start_batch`` on: (text float32
     [B, K, Dt] in ``plan.facets`` order, image float32 [B, V, Di] in ``plan.image_vectors``
-    order). Every rank gets the same number of full batches (the rest is left out)."""
+    order, the B keys). Every rank gets the same number of full batches (the rest is left out)."""
     t = plan.table
     shard, rg = t.column("shard").to_numpy(), t.column("rg").to_numpy()
     order, _ = epoch_rows(shard, rg, True, seed, unit_rows, epoch, rank, world_size)
@@ -225,5 +225,6 @@ def iter_pair_batches(
         k = keys.take(pa.array(idx))
         text = texts.gather(k, shard[idx], rg[idx], row[idx])
         image = images.gather(k, i_shard[idx], i_rg[idx], i_row[idx])
+        names = k.to_pylist()
         for b in range(0, len(idx), batch_size):
-            yield text[b : b + batch_size], image[b : b + batch_size]
+            yield text[b : b + batch_size], image[b : b + batch_size], names[b : b + batch_size]

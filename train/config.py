@@ -21,6 +21,7 @@ center_text = false
 [prompt]                  # the prompt losses (P-Former, papers.md §3)
 # weight                  # prompt-align: w in w·MSE (default 10, as published); caption-lm:
                           # the cross-entropy's weight (default 1)
+standardize = true        # prompt-align: the MSE over the cache's prompt variance (false: raw)
 contrastive_weight = 1.0  # CLIP term on pooled prompts vs the pooled cached vectors
 llm = ""                  # caption-lm: the frozen LLM the prompts feed (loaded in the workers)
 captions = ""             # caption-lm: a key + caption table (Parquet, JSONL, CSV, webdataset)
@@ -96,6 +97,7 @@ class PromptOptions:
     """The prompt losses (``prompt-align``, ``caption-lm``; train.prompt_losses)."""
 
     weight: float | None = None  # None: 10 (prompt-align's w, as published), 1 (caption-lm)
+    standardize: bool = True  # prompt-align: MSE / the cache's prompt variance (prompt_losses)
     contrastive_weight: float = 1.0
     llm: str = ""  # caption-lm only: a Hugging Face causal LM folder
     captions: str = ""  # caption-lm only: captions by key
@@ -142,11 +144,6 @@ class TrainConfig(TomlConfig):
             )
         from train.prompt_losses import PROMPT_LOSSES
 
-        if self.image_cache and self.loss in PROMPT_LOSSES:
-            raise InputError(
-                f"loss {self.loss} trains the prompt head on the tower's patch tokens; it needs "
-                "images, not an image cache"
-            )
         if self.loss in PROMPT_LOSSES:
             # The prompt losses train the prompt head; nothing else can feed them.
             self.model.image_head = "prompt"

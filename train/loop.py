@@ -104,6 +104,7 @@ def prepare_run(
         "image_dim": plan.image_dim if cfg.image_cache else None,
         "join": _as_dict(plan.stats),
         "text_mean": None,
+        "prompt_mean": None,
         "prompt_scale": None,
         "plan": plan,
         "prompt_form": layout.get("prompt_form"),
@@ -112,7 +113,7 @@ def prepare_run(
     if cfg.loss in PROMPT_LOSSES:
         from train.prompt_step import caption_ids, prompt_statistics
 
-        facts["text_mean"], facts["prompt_scale"] = prompt_statistics(cfg, facts["prompt_form"])
+        facts.update(prompt_statistics(cfg, facts["prompt_form"]))
         if cfg.loss == "caption-lm":  # tokenised once, here: a missing caption fails before Ray
             facts["caption_ids"] = caption_ids(cfg, plan.table.column("key").to_pylist())
     if cfg.model.center_text and facts["text_mean"] is None:
@@ -176,6 +177,7 @@ def use_image_cache(cfg: TrainConfig) -> int:
     ``model.tower`` (and its kwargs), the transform's image size, and for a token-mlp head the
     token grid. Returns the width of the cached features."""
     from train.image_cache import open_image_cache, recipe_transform
+    from train.model import PATCH_TOKEN_HEADS
 
     cache = open_image_cache(cfg.image_cache)
     recipe = cache.recipe
@@ -183,12 +185,14 @@ def use_image_cache(cfg: TrainConfig) -> int:
     cfg.model.pretrained_path = None  # the frozen weights are the cache's backbone file
     cfg.model.grad_checkpointing = False
     cfg.data.image_size = recipe_transform(recipe).image_size
-    if cfg.model.image_head == "token-mlp":
+    if cfg.model.image_head in PATCH_TOKEN_HEADS:
         if not recipe.get("grid"):
+            alternative = ("" if cfg.model.image_head == "prompt"
+                           else ", or use image_head linear, mlp or glu")  # fmt: skip
             raise InputError(
-                f"image head token-mlp reads patch tokens, but {cfg.image_cache} holds the pooled "
-                "feature only; embed the images with --grid G (e.g. 2), or use image_head "
-                "linear, mlp or glu"
+                f"image head {cfg.model.image_head} reads patch tokens, but {cfg.image_cache} "
+                f"holds the pooled feature only; embed the images with --grid G (e.g. 2)"
+                f"{alternative}"
             )
         cfg.model.token_grid = int(recipe["grid"])
     return int(cache.manifest.layout["dim"])
@@ -198,8 +202,11 @@ def image_vectors(cfg: TrainConfig) -> list[str]:
     """The image-cache vectors a heads-only run reads: the grid tokens for token-mlp, else
     the pooled feature."""
     from train.image_cache import POOLED, grid_names
+    from train.model import PATCH_TOKEN_HEADS
 
-    return grid_names(cfg.model.token_grid) if cfg.model.image_head == "token-mlp" else [POOLED]
+    if cfg.model.image_head in PATCH_TOKEN_HEADS:
+        return grid_names(cfg.model.token_grid)
+    return [POOLED]
 
 
 def text_mean(cache: str | Path, facets: list[str]) -> np.ndarray:
@@ -311,8 +318,8 @@ def worker_loop(loop_cfg: dict) -> None:
         # center_text's offset lives in the model (a buffer saved with the weights), so the
         # export applies exactly what the loss saw here.
         model.set_text_mean(torch.tensor(loop_cfg["text_mean"]))
-    if loop_cfg.get("prompt_scale") is not None:
-        model.set_prompt_scale(loop_cfg["prompt_scale"])  # saved with the weights, as above
+    if loop_cfg.get("prompt_scale") is not None:  # saved with the weights, as above
+        model.set_prompt_targets(loop_cfg["prompt_mean"], loop_cfg["prompt_scale"])
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
@@ -415,7 +422,7 @@ def worker_loop(loop_cfg: dict) -> None:
 
 def epoch_batches(cfg: TrainConfig, plan, epoch: int, rank: int, world: int, skip: int):
     """This rank's batches of one epoch after its first ``skip``: (images, text vectors
-    [B, K, D], keys (None for a heads-only run), images dropped as undecodable). Images are pixels [B, 3, S, S] from the Ray Data
+    [B, K, D], keys, images dropped as undecodable). Images are pixels [B, 3, S, S] from the Ray Data
     pipeline, or for a heads-only run cached features ([B, P] pooled, [B, G², C] tokens) read
     here by train.cache_pairs. Either way every rank gets an equal, disjoint slice of the epoch,
     so all take the same steps."""
@@ -424,12 +431,13 @@ def epoch_batches(cfg: TrainConfig, plan, epoch: int, rank: int, world: int, ski
     per_worker = cfg.batch_size // world
     if cfg.image_cache:
         from train.cache_pairs import iter_pair_batches
+        from train.model import PATCH_TOKEN_HEADS
 
-        for text, image in iter_pair_batches(plan, per_worker, cfg.seed, epoch, rank, world,
-                                             start_batch=skip):  # fmt: skip
+        tokens = cfg.model.image_head in PATCH_TOKEN_HEADS
+        for text, image, keys in iter_pair_batches(plan, per_worker, cfg.seed, epoch, rank, world,
+                                                   start_batch=skip):  # fmt: skip
             image = torch.from_numpy(image)
-            yield (image if cfg.model.image_head == "token-mlp" else image[:, 0],
-                   torch.from_numpy(text), None, 0)  # fmt: skip
+            yield image if tokens else image[:, 0], torch.from_numpy(text), keys, 0
         return
 
     from train.data import build_dataset, torch_collate

@@ -339,7 +339,9 @@ class FacetCLIP(nn.Module):
         image features), for ``train.prompt_losses.compute_prompt_loss``. A heads-only model
         (no tower) takes cached image features as ``images``."""
         if self.cfg.image_head == "prompt":
-            prompts = self.prompt_tokens(images)
+            # heads only: the image cache's grid tokens stand where the patch tokens would
+            prompts = (self.image_head(images.float()) if self.tower is None
+                       else self.prompt_tokens(images))  # fmt: skip
             return {
                 "image_features": self.encode_text(prompts.mean(dim=1)),
                 "text_features": self.encode_text(text_vectors),
@@ -367,16 +369,21 @@ class FacetCLIP(nn.Module):
         self.text_mean.copy_(mean)
 
     @torch.no_grad()
-    def set_prompt_scale(self, scale: float) -> None:
-        """Set the "prompt" head's output scale: the spread of the prompts it is trained
-        towards (``train.prompt_head`` says why)."""
+    def set_prompt_targets(self, mean, scale: float) -> None:
+        """Set the "prompt" head's fixed output offset and scale: the per-slot mean [N, D] and
+        the spread of the prompts it is trained towards (``train.prompt_head`` says why)."""
         if self.cfg.image_head != "prompt":
             raise ValueError(
-                f"only the prompt head has an output scale, not {self.cfg.image_head!r}"
+                f"only the prompt head has an output offset and scale, not {self.cfg.image_head!r}"
             )
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"prompt scale must be finite and > 0, got {scale}")
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        if mean.shape != self.image_head.out_mean.shape:
+            raise ValueError(f"prompt mean must have shape {list(self.image_head.out_mean.shape)}, "
+                             f"got {list(mean.shape)}")  # fmt: skip
         self.image_head.out_scale.fill_(scale)
+        self.image_head.out_mean.copy_(mean)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if self.tower is not None:  # heads alone keep no activations worth recomputing

@@ -3,7 +3,8 @@ losses out, the total under "loss" (the interface of ``train.losses``).
 
 - ``prompt-align`` (P-Former / BLIText): the image head's N prompt vectors are pulled towards
   the cached P-Former prompts of the paired caption, ``w · MSE`` (w = 10 as published for the
-  representation stage), plus a CLIP contrastive term on pooled prompts, so the same run also
+  representation stage; the MSE standardised by the prompts' variance unless
+  ``prompt.standardize`` is off), plus a CLIP contrastive term on pooled prompts, so the same run also
   retrieves. The LLM is never loaded: the targets come from the cache.
 - ``caption-lm`` (the BLIP-2-style baseline): the same head, trained with the generative loss
   through the frozen LLM (prompts as ``inputs_embeds`` ahead of the caption, cross-entropy on
@@ -44,12 +45,20 @@ def prompt_align_loss(
     logit_scale: torch.Tensor,
     weight: float = ALIGN_WEIGHT,
     contrastive_weight: float = 1.0,
+    spread: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """``weight · MSE(prompts, target) + contrastive_weight · CLIP(image, text)``.
+    """``weight · MSE(prompts, target) / spread² + contrastive_weight · CLIP(image, text)``.
 
     prompts/target [B, N, D]: predicted and cached prompts; image/text [M, E]: L2-normalised
-    pooled features (M ≥ B when gathered over workers); ``logit_scale`` exponentiated."""
-    align = prompt_mse(prompts, target)
+    pooled features (M ≥ B when gathered over workers); ``logit_scale`` exponentiated.
+
+    ``spread``: the cached prompts' spread (``store.prompts.prompt_stats``) to standardise the
+    MSE by, so that it reads as the share of the prompts' variance left unexplained (about 1
+    at the mean prompt) whatever the LLM's embedding scale; 1 is BLIText's raw MSE. Why: in
+    raw units an LLM's input embeddings are small (the tiny LM's prompts: spread 0.046, MSE at
+    the mean 0.0021), so w = 10 gave the MSE a fiftieth of the contrastive term's weight and
+    the head learnt mostly the contrastive term (README, P-Former)."""
+    align = prompt_mse(prompts, target) / spread**2
     con = clip_loss(image, text, logit_scale)["loss"]
     return {"loss": weight * align + contrastive_weight * con, "loss_align": align,
             "loss_contrastive": con}  # fmt: skip
@@ -86,10 +95,12 @@ def compute_prompt_loss(
     target: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
+    spread: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Loss ``name`` of one step: the contrastive term over the global batch (the features of
     all workers, gathered with gradient and in float32, as ``train.losses.compute_loss`` does),
-    the prompt term (``prompts``/``target`` or ``logits``/``targets``) over this worker's rows."""
+    the prompt term (``prompts``/``target`` or ``logits``/``targets``) over this worker's rows;
+    ``spread`` standardises prompt-align's MSE (``prompt_align_loss``)."""
     from store.collective import gather_features
 
     with torch.autocast(device_type=image_features.device.type, enabled=False):
@@ -98,7 +109,7 @@ def compute_prompt_loss(
         scale = logit_scale.float()
         if name == "prompt-align":
             return prompt_align_loss(prompts, target, image, text, scale, weight,
-                                     contrastive_weight)  # fmt: skip
+                                     contrastive_weight, spread)  # fmt: skip
         if name == "caption-lm":
             return caption_lm_loss(logits, targets, image, text, scale, weight, contrastive_weight)
     raise ValueError(f"not a prompt loss: {name!r}")

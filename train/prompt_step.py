@@ -84,19 +84,19 @@ def llm_width(llm: str) -> int:
     return int(conf.get_text_config().hidden_size)
 
 
-def prompt_statistics(
-    cfg: TrainConfig, form: str | None
-) -> tuple[list[float] | None, float | None]:
+def prompt_statistics(cfg: TrainConfig, form: str | None) -> dict:
     """What a prompt run takes from its cache, in one pass (``store.prompts.prompt_stats``):
-    ``center_text``'s offset, the mean prompt (None when center_text is off), and the "prompt"
-    head's output scale, the prompts' spread. (None, None) when the cache is not a prompt cache
-    (e.g. caption-lm against another cache): then train's own mean, and scale 1."""
+    ``text_mean``, center_text's offset (the mean prompt; None when center_text is off), and
+    the "prompt" head's fixed output offset and scale, ``prompt_mean`` (each slot's mean
+    prompt, [N][D]) and ``prompt_scale`` (the prompts' spread). All None when the cache is not
+    a prompt cache (caption-lm against another cache): then train's own mean, offset 0, scale 1."""
     if form is None:
-        return None, None
+        return {"text_mean": None, "prompt_mean": None, "prompt_scale": None}
     from store.prompts import prompt_stats
 
-    mean, spread = prompt_stats(cfg.cache)
-    return (mean.tolist() if cfg.model.center_text else None), spread
+    slot_mean, spread = prompt_stats(cfg.cache)
+    return {"text_mean": slot_mean.mean(axis=0).tolist() if cfg.model.center_text else None,
+            "prompt_mean": slot_mean.tolist(), "prompt_scale": spread}  # fmt: skip
 
 
 def caption_ids(cfg: TrainConfig, keys: list[str]) -> dict[str, list[int]]:
@@ -145,6 +145,9 @@ class PromptStep:
         self.form = loop_cfg["prompt_form"]
         self.head = read_head(Cache.open(cfg.cache)) if self.form == "pformer-code" else None
         self.weight = cfg.prompt_weight()
+        # prompt-align's MSE in units of the cached prompts' variance (train.prompt_losses)
+        scale = loop_cfg.get("prompt_scale")
+        self.spread = float(scale) if cfg.prompt.standardize and scale else 1.0
         self.llm = None
         if cfg.loss == "caption-lm":
             import ray
@@ -187,7 +190,7 @@ class PromptStep:
         }  # fmt: skip
         if self.llm is None:
             return compute_prompt_loss("prompt-align", prompts=out["prompts"], target=target,
-                                       **common)  # fmt: skip
+                                       spread=self.spread, **common)  # fmt: skip
         ids, mask = pad_batch([self.ids[k] for k in keys], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):

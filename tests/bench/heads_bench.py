@@ -136,7 +136,7 @@ def run(quick: bool = False) -> Report:
             plan, model, opt, batch, image_head = heads[name]
             t0 = time.perf_counter()
             for _ in range(n):
-                text, image = next(streams[name])
+                text, image, _ = next(streams[name])
                 image = torch.from_numpy(image)
                 image = image if image_head == "token-mlp" else image[:, 0]
                 text_in = select_facets(torch.from_numpy(text), "mp-sigmoid", "sample", 6, gen)
