@@ -141,6 +141,16 @@ def test_caption_lm_is_the_caption_tokens_cross_entropy_plus_the_contrastive_ter
               for b, t, y in kept) / len(kept)  # fmt: skip
     assert float(out["loss_lm"]) == pytest.approx(ce, rel=1e-5)
     assert float(out["loss"]) == pytest.approx(ce + 2.0 * hand_clip(image, text, 3.0), rel=1e-5)
+    assert "loss_align" not in out
+    # P-Former's recipe: the alignment term added, standardised by the prompts' spread
+    pred, target = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    both = caption_lm_loss(logits, targets, image, text, torch.tensor(3.0), weight=1.0,
+                           contrastive_weight=2.0, prompts=pred, target=target,
+                           align_weight=5.0, spread=0.5)  # fmt: skip
+    mse = sum(float((pred[b, i, d] - target[b, i, d]) ** 2)
+              for b in range(2) for i in range(3) for d in range(4)) / 24  # fmt: skip
+    assert float(both["loss_align"]) == pytest.approx(mse / 0.25, rel=1e-5)
+    assert float(both["loss"]) == pytest.approx(float(out["loss"]) + 5.0 * mse / 0.25, rel=1e-5)
 
 
 def test_the_step_loss_in_one_process_is_the_pure_loss():
@@ -200,6 +210,15 @@ def test_config_ties_the_prompt_head_to_the_prompt_losses():
     heads_only = TrainConfig(image_cache="icache", loss="prompt-align")  # a frozen tower's tokens
     heads_only.validate()
     assert heads_only.model.image_head == "prompt"
+    lm.prompt.align = 2.0  # caption-lm + the alignment term (P-Former's recipe)
+    lm.validate()
+    align = TrainConfig(images="x", loss="prompt-align")
+    align.prompt.align = 2.0
+    with pytest.raises(InputError, match="prompt.align adds the alignment term to caption-lm"):
+        align.validate()
+    lm.prompt.align = -1.0
+    with pytest.raises(InputError, match="must be >= 0"):
+        lm.validate()
     d = TrainConfig(images="x", loss="prompt-align").override(["prompt.weight=3.0"]).to_dict()
     assert TrainConfig.from_dict(d).prompt.weight == 3.0
 
@@ -262,7 +281,7 @@ def test_the_prompt_head_fits_targets_at_the_scale_of_llm_embeddings():
     assert float(fresh.out_scale) == 1.0 and not fresh.out_mean.any()
 
 
-def test_prompt_align_needs_a_prompt_cache(train_data, tmp_path):
+def test_prompt_align_needs_a_prompt_cache(train_data, tiny_model, tmp_path):
     from train.loop import check_config
 
     synth, flame_cache = train_data
@@ -270,6 +289,11 @@ def test_prompt_align_needs_a_prompt_cache(train_data, tmp_path):
                       loss="prompt-align")  # fmt: skip
     cfg.model = tiny_model_config()
     with pytest.raises(InputError, match="--recipe pformer"):
+        check_config(cfg)
+    # so does caption-lm's alignment term (caption-lm alone trains on any cache)
+    cfg.loss, cfg.prompt.llm, cfg.prompt.captions = "caption-lm", str(tiny_model), "captions"
+    cfg.prompt.align = 1.0
+    with pytest.raises(InputError, match="give caption-lm a pformer cache"):
         check_config(cfg)
 
 
@@ -527,12 +551,14 @@ def test_prompt_losses_train_heads_only_on_a_frozen_tower_cache(prompt_data, tin
                           loss=loss, steps=3, batch_size=8)  # fmt: skip
         cfg.model = tiny_model_config()
         cfg.optim.warmup_steps, cfg.run.log_every = 1, 1
-        if loss == "caption-lm":
+        if loss == "caption-lm":  # with P-Former's alignment term added (prompt.align)
             cfg.prompt.llm, cfg.prompt.captions = str(tiny_model), str(synth / "captions.parquet")
+            cfg.prompt.align = 1.0
         train(cfg, progress=False)
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        term = "loss_align" if loss == "prompt-align" else "loss_lm"
-        assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r[term]) for r in rows)
+        terms = ["loss_align"] + (["loss_lm"] if loss == "caption-lm" else [])
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert all(np.isfinite(r[t]) for r in rows for t in terms)
         model = load(tmp_path / name)
         assert model.meta["image_cache"] == str(icache)
         keys, read = image_rows(synth / "images", "auto")

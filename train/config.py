@@ -21,7 +21,9 @@ center_text = false
 [prompt]                  # the prompt losses (P-Former, papers.md §3)
 # weight                  # prompt-align: w in w·MSE (default 10, as published); caption-lm:
                           # the cross-entropy's weight (default 1)
-standardize = true        # prompt-align: the MSE over the cache's prompt variance (false: raw)
+standardize = true        # the alignment MSE over the cache's prompt variance (false: raw)
+align = 0.0               # caption-lm: + align x that MSE (P-Former's recipe proper: its
+                          # alignment term added to BLIP-2's loss; needs a pformer cache)
 contrastive_weight = 1.0  # CLIP term on pooled prompts vs the pooled cached vectors
 llm = ""                  # caption-lm: the frozen LLM the prompts feed (loaded in the workers)
 captions = ""             # caption-lm: a key + caption table (Parquet, JSONL, CSV, webdataset)
@@ -97,7 +99,8 @@ class PromptOptions:
     """The prompt losses (``prompt-align``, ``caption-lm``; train.prompt_losses)."""
 
     weight: float | None = None  # None: 10 (prompt-align's w, as published), 1 (caption-lm)
-    standardize: bool = True  # prompt-align: MSE / the cache's prompt variance (prompt_losses)
+    standardize: bool = True  # the alignment MSE / the cache's prompt variance (prompt_losses)
+    align: float = 0.0  # caption-lm: + align x prompt-align's MSE term (P-Former's recipe)
     contrastive_weight: float = 1.0
     llm: str = ""  # caption-lm only: a Hugging Face causal LM folder
     captions: str = ""  # caption-lm only: captions by key
@@ -157,8 +160,15 @@ class TrainConfig(TomlConfig):
                     "loss caption-lm trains on caption text: name the table with "
                     "--set prompt.captions=TABLE (key + caption column)"
                 )
-            if (self.prompt.weight or 0) < 0 or self.prompt.contrastive_weight < 0:
-                raise InputError("prompt.weight and prompt.contrastive_weight must be >= 0")
+            if min(self.prompt.weight or 0, self.prompt.contrastive_weight, self.prompt.align) < 0:
+                raise InputError(
+                    "prompt.weight, prompt.contrastive_weight and prompt.align must be >= 0"
+                )
+            if self.prompt.align and self.loss != "caption-lm":
+                raise InputError(
+                    "prompt.align adds the alignment term to caption-lm; prompt-align's own "
+                    "weight is prompt.weight"
+                )
         elif self.model.image_head == "prompt":
             raise InputError(
                 f"image head 'prompt' makes prompts for an LLM; train it with --loss "

@@ -8,7 +8,9 @@ losses out, the total under "loss" (the interface of ``train.losses``).
   retrieves. The LLM is never loaded: the targets come from the cache.
 - ``caption-lm`` (the BLIP-2-style baseline): the same head, trained with the generative loss
   through the frozen LLM (prompts as ``inputs_embeds`` ahead of the caption, cross-entropy on
-  the caption's tokens, ``store.prompting``), plus the same contrastive term.
+  the caption's tokens, ``store.prompting``), plus the same contrastive term; with
+  ``prompt.align`` > 0 also prompt-align's MSE term: P-Former's recipe, the alignment added to
+  BLIP-2's generative loss.
 
 The contrastive term pairs the pooled (mean over N) predicted prompts with the pooled cached
 vectors of the caption, both through the model's one text head (``FacetCLIP.encode_text``).
@@ -72,16 +74,27 @@ def caption_lm_loss(
     logit_scale: torch.Tensor,
     weight: float = 1.0,
     contrastive_weight: float = 1.0,
+    prompts: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    align_weight: float = 0.0,
+    spread: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """``weight · CE(logits, targets) + contrastive_weight · CLIP(image, text)``: logits
     [B, L, V] of the frozen LLM at the caption positions (``store.prompting.prompted_logits``),
-    targets [B, L] with IGNORE at padding; the mean over the batch's caption tokens."""
+    targets [B, L] with IGNORE at padding; the mean over the batch's caption tokens.
+
+    With ``align_weight`` > 0, P-Former's recipe proper: the alignment term added to the
+    generative loss, ``+ align_weight · MSE(prompts, target) / spread²`` (as in
+    ``prompt_align_loss``)."""
     from store.prompting import reconstruction_loss
 
     lm = reconstruction_loss(logits, targets)
     con = clip_loss(image, text, logit_scale)["loss"]
-    return {"loss": weight * lm + contrastive_weight * con, "loss_lm": lm,
-            "loss_contrastive": con}  # fmt: skip
+    out = {"loss": weight * lm + contrastive_weight * con, "loss_lm": lm, "loss_contrastive": con}
+    if align_weight > 0:
+        align = prompt_mse(prompts, target) / spread**2
+        out["loss"], out["loss_align"] = out["loss"] + align_weight * align, align
+    return out
 
 
 def compute_prompt_loss(
@@ -96,11 +109,13 @@ def compute_prompt_loss(
     logits: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     spread: float = 1.0,
+    align_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Loss ``name`` of one step: the contrastive term over the global batch (the features of
     all workers, gathered with gradient and in float32, as ``train.losses.compute_loss`` does),
     the prompt term (``prompts``/``target`` or ``logits``/``targets``) over this worker's rows;
-    ``spread`` standardises prompt-align's MSE (``prompt_align_loss``)."""
+    ``spread`` standardises the MSE (``prompt_align_loss``); ``align_weight`` adds it to
+    caption-lm (``caption_lm_loss``)."""
     from store.collective import gather_features
 
     with torch.autocast(device_type=image_features.device.type, enabled=False):
@@ -111,5 +126,6 @@ def compute_prompt_loss(
             return prompt_align_loss(prompts, target, image, text, scale, weight,
                                      contrastive_weight, spread)  # fmt: skip
         if name == "caption-lm":
-            return caption_lm_loss(logits, targets, image, text, scale, weight, contrastive_weight)
+            return caption_lm_loss(logits, targets, image, text, scale, weight,
+                                   contrastive_weight, prompts, target, align_weight, spread)  # fmt: skip
     raise ValueError(f"not a prompt loss: {name!r}")

@@ -57,6 +57,11 @@ def check_prompt_config(cfg: TrainConfig, layout: dict) -> PromptLayout:
         return PromptLayout(n, width, form, int(layout["dim"]))
     # caption-lm: the LLM decides the width; N is the model's (the pformer cache's when it has one)
     width = llm_width(cfg.prompt.llm)
+    if cfg.prompt.align and form is None:
+        raise InputError(
+            f"prompt.align pulls the prompts towards cached P-Former prompts, but {cfg.cache} "
+            f"holds {cache.recipe.get('name')!r} vectors; give caption-lm a pformer cache"
+        )
     if form is not None:
         n, cached_width = prompt_shape(cache)
         cfg.model.prompt_tokens = n
@@ -196,4 +201,6 @@ class PromptStep:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = prompted_logits(self.llm, out["prompts"], ids, mask)
         return compute_prompt_loss("caption-lm", logits=logits,
-                                   targets=shifted_targets(ids, mask), **common)  # fmt: skip
+                                   targets=shifted_targets(ids, mask), prompts=out["prompts"],
+                                   target=target, align_weight=self.cfg.prompt.align,
+                                   spread=self.spread, **common)  # fmt: skip
