@@ -366,7 +366,9 @@ def embed_images(
     grid: Annotated[
         int,
         typer.Option(
-            min=0, max=16, help="Also store patch tokens pooled to GRID x GRID (token-mlp heads)."
+            min=0,
+            max=16,
+            help="Also store patch tokens pooled to GRID x GRID (token-mlp and prompt heads).",
         ),
     ] = 0,
     dtype: Annotated[str, typer.Option(help="Storage dtype: float16 | float32 | int8")] = "float16",
@@ -1033,8 +1035,9 @@ def demo(
     captioning: Annotated[
         bool | None,
         typer.Option(
-            help="Also P-Former: pformer -> embed -> train --loss prompt-align -> captioning "
-            "(default: on; off with --llm smollm2)."
+            help="Also P-Former: pformer -> embed -> embed-images (the FLAME run's tower, "
+            "frozen) -> train --loss prompt-align / caption-lm -> captioning (default: on; off "
+            "with --llm smollm2)."
         ),
     ] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,

@@ -5,8 +5,9 @@ synth -> tiny-llm (briefly pre-trained) -> embed (recipe flame) -> inspect -> tr
 shape pairs never seen as a main object) -> a comparison of recipes flame and llm2clip
 (``--recipes`` adds prompteol) with the same tower and steps, llm2clip with its
 caption-contrastive tuning of the LM first (`facetclip tune`) -> P-Former captioning
-(eval.demo_captioning: pformer + its text-only check -> embed --recipe pformer -> train
---loss prompt-align -> eval --task captioning) -> DEMO_OUT/REPORT.md with every figure beside
+(eval.demo_captioning: pformer + its text-only check -> embed --recipe pformer -> embed-images
+through the FLAME run's frozen tower -> train --loss prompt-align and caption-lm, the prompt head
+alone -> eval --task captioning) -> DEMO_OUT/REPORT.md with every figure beside
 its chance level and where every file is.
 """
 
@@ -216,8 +217,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoReport:
     if captioning:  # P-Former: prompts from text, captions from images (issue 14)
         from eval.demo_captioning import caption_block
 
+        # recipes start with flame: its run's tower is the one frozen under the prompt head
         report.captioning, report.reconstruction, paths = caption_block(
-            data, model, out, cfg.caption, step, i + 1, cfg.seed, cfg.workers)  # fmt: skip
+            data, model, out, cfg.caption, step, i + 1, cfg.seed, cfg.workers,
+            out / "runs" / "flame")  # fmt: skip
         report.paths |= paths
     report.paths["report"] = out / "REPORT.md"
     md = final_report(report, cfg)

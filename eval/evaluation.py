@@ -197,8 +197,8 @@ def _cache_features(model, paths: list[Path], image_cache) -> np.ndarray:
     m = model.meta["model"]
     if m["image_head"] == "prompt":
         raise InputError(
-            "a prompt run's image head reads the tower's patch tokens, which an image cache "
-            "does not hold; drop --image-cache"
+            "a prompt run's retrieval and zero-shot embed the images through its own tower "
+            "(the pooled prompts); drop --image-cache"
         )
     cache = open_image_cache(image_cache)
     check_cache_fits(cache.recipe, model.meta, str(image_cache))

@@ -281,6 +281,28 @@ def test_the_prompt_head_fits_targets_at_the_scale_of_llm_embeddings():
     assert float(fresh.out_scale) == 1.0 and not fresh.out_mean.any()
 
 
+def test_the_alignment_mse_is_standardised_unless_switched_off():
+    from train.prompt_step import PromptStep
+
+    cfg = TrainConfig(images="x", loss="prompt-align")
+    loop = {"prompt_form": "pformer", "prompt_scale": 0.05}
+    assert PromptStep(cfg, loop, torch.device("cpu")).spread == 0.05
+    cfg.prompt.standardize = False  # BLIText's raw MSE
+    assert PromptStep(cfg, loop, torch.device("cpu")).spread == 1.0
+    cfg.prompt.standardize = True  # a cache that is not a prompt cache has no spread
+    assert PromptStep(cfg, {**loop, "prompt_scale": None}, torch.device("cpu")).spread == 1.0
+
+
+def test_prompt_targets_must_fit_the_head():
+    model = build_model(tiny_model_config(), text_dim=16)
+    model.set_prompt_targets(torch.full((N_PROMPTS, 16), 0.3), 0.05)
+    assert float(model.image_head.out_mean[0, 0]) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="prompt mean must have shape"):
+        model.set_prompt_targets(torch.zeros(N_PROMPTS + 1, 16), 0.05)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        model.set_prompt_targets(torch.zeros(N_PROMPTS, 16), 0.0)
+
+
 def test_prompt_align_needs_a_prompt_cache(train_data, tiny_model, tmp_path):
     from train.loop import check_config
 
@@ -295,6 +317,20 @@ def test_prompt_align_needs_a_prompt_cache(train_data, tiny_model, tmp_path):
     cfg.prompt.align = 1.0
     with pytest.raises(InputError, match="give caption-lm a pformer cache"):
         check_config(cfg)
+
+
+def test_a_prompt_run_trains_on_every_prompt_slot_in_order(prompt_data, tmp_path):
+    from store.cache import Cache
+    from train.loop import check_config
+
+    synth, full, _ = prompt_data
+    names = list(Cache.open(full).manifest.layout["vector_names"])
+    for facets in (names[:2], names[::-1]):
+        cfg = TrainConfig(images=str(synth / "images"), cache=str(full), out=str(tmp_path),
+                          loss="prompt-align", facets=facets)  # fmt: skip
+        cfg.model = tiny_model_config()
+        with pytest.raises(InputError, match="leave facets unset"):
+            check_config(cfg)
 
 
 # --- metrics, by hand -----------------------------------------------------------------------------
@@ -563,11 +599,18 @@ def test_prompt_losses_train_heads_only_on_a_frozen_tower_cache(prompt_data, tin
         assert model.meta["image_cache"] == str(icache)
         keys, read = image_rows(synth / "images", "auto")
         keys, pixels = keys[:4], [decode(b)[0] for b in read(0, 4)]
+        head = model.model.image_head
+        mean, spread = prompt_stats(cache)  # the fixed offset and scale survive the export
+        np.testing.assert_allclose(head.out_mean.numpy(), mean, rtol=1e-6)
+        assert float(head.out_scale) == pytest.approx(spread)
         from_pixels = model.prompt_tokens(pixels)
         tokens = torch.from_numpy(cached_features(open_image_cache(icache), keys, token_grid=1))
         with torch.no_grad():
-            from_cache = model.model.image_head(tokens)
-        torch.testing.assert_close(from_pixels, from_cache, atol=2e-3, rtol=1e-2)  # float16 cache
+            from_cache = head(tokens)
+        # compared in the head's own units (what it learnt, not the offset), float16 cache
+        torch.testing.assert_close((from_pixels - head.out_mean) / head.out_scale,
+                                   (from_cache - head.out_mean) / head.out_scale,
+                                   atol=2e-2, rtol=1e-2)  # fmt: skip
         c = caption_images(CaptionConfig(run=tmp_path / name, images=synth / "eval" / "retrieval",
                                          max_new_tokens=4, progress=False))  # fmt: skip
         assert c.captions == 8

@@ -11,6 +11,7 @@ from eval.demo import COMPARE, EVALS, DemoConfig, final_report, run_demo
 from eval.demo_captioning import CaptionDemoConfig
 from eval.synth import COLORS, SHAPES
 from store.errors import InputError
+from train.export import load_meta
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,10 @@ def test_demo_captions_held_out_images_with_both_prompt_losses(demo):
         assert saved["metrics"]["shape"] == pytest.approx(r["shape"])
         # both sides joined the same images to the same cache
         assert r["pairs"] == rows["prompt-align"]["pairs"]
+        # ... and trained the prompt head alone, on the FLAME run's frozen tower's tokens
+        meta = load_meta(cfg.out / "runs" / loss)
+        assert meta["image_cache"] == str(report.paths["image cache (frozen tower)"])
+        assert r["tower"].startswith("frozen (flame run's")
     md = (cfg.out / "REPORT.md").read_text()
     assert "## Captioning through the frozen LM" in md
     r = rows["prompt-align"]

@@ -19,7 +19,7 @@ text_head = "none"        # none | linear | adapter | glu
 center_text = false
 
 [prompt]                  # the prompt losses (P-Former, papers.md §3)
-# weight                  # prompt-align: w in w·MSE (default 10, as published); caption-lm:
+# weight                  # prompt-align: w in w·MSE/σ² (default 10, BLIText's w); caption-lm:
                           # the cross-entropy's weight (default 1)
 standardize = true        # the alignment MSE over the cache's prompt variance (false: raw)
 align = 0.0               # caption-lm: + align x that MSE (P-Former's recipe proper: its

@@ -16,7 +16,7 @@ ICACHE/
 What a row holds is what the image heads read, computed by ``train.model.tower_outputs``, the
 function ``encode_image`` itself runs: ``pooled``, the tower's pre-logits feature (the input of
 the linear / mlp / glu heads), and with ``--grid G`` the patch tokens average-pooled to a G x G
-map (``grid_R_C``, the tokens of a token-mlp head with ``token_grid = G``). Features are stored
+map (``grid_R_C``, the tokens of a token-mlp or prompt head with ``token_grid = G``). Features are stored
 raw, not normalised. Every image goes through the evaluation transform
 (``train.transforms.eval_transform``: centre square, bicubic resize, mean/std) exactly as
 `facetclip eval` feeds an exported model, so a heads-only model sees at inference the features

@@ -174,7 +174,7 @@ def check_config(cfg: TrainConfig) -> dict:
 
 def use_image_cache(cfg: TrainConfig) -> int:
     """A heads-only run takes its tower from the image cache: the cache's recipe sets
-    ``model.tower`` (and its kwargs), the transform's image size, and for a token-mlp head the
+    ``model.tower`` (and its kwargs), the transform's image size, and for a patch-token head the
     token grid. Returns the width of the cached features."""
     from train.image_cache import open_image_cache, recipe_transform
     from train.model import PATCH_TOKEN_HEADS
@@ -189,18 +189,19 @@ def use_image_cache(cfg: TrainConfig) -> int:
         if not recipe.get("grid"):
             alternative = ("" if cfg.model.image_head == "prompt"
                            else ", or use image_head linear, mlp or glu")  # fmt: skip
+            who = (f"loss {cfg.loss}'s prompt head" if cfg.model.image_head == "prompt"
+                   else "image head token-mlp")  # fmt: skip
             raise InputError(
-                f"image head {cfg.model.image_head} reads patch tokens, but {cfg.image_cache} "
-                f"holds the pooled feature only; embed the images with --grid G (e.g. 2)"
-                f"{alternative}"
+                f"{who} reads patch tokens, but {cfg.image_cache} holds the pooled feature "
+                f"only; embed the images with --grid G (e.g. 2){alternative}"
             )
         cfg.model.token_grid = int(recipe["grid"])
     return int(cache.manifest.layout["dim"])
 
 
 def image_vectors(cfg: TrainConfig) -> list[str]:
-    """The image-cache vectors a heads-only run reads: the grid tokens for token-mlp, else
-    the pooled feature."""
+    """The image-cache vectors a heads-only run reads: the grid tokens for the patch-token
+    heads (token-mlp, prompt), else the pooled feature."""
     from train.image_cache import POOLED, grid_names
     from train.model import PATCH_TOKEN_HEADS
 

@@ -65,8 +65,9 @@ class ModelConfig:
                   | "glu" (SAIL).
     adapter_blocks: residual blocks of the "adapter" text head.
     glu_width:    hidden width of a "glu" head, as a multiple of its input width (SAIL: 8).
-    token_grid:   "token-mlp" reads the patch tokens average-pooled to a G x G grid (0: every
-                  token); an image cache made with ``--grid G`` holds exactly those G² tokens.
+    token_grid:   "token-mlp" and "prompt" read the patch tokens average-pooled to a G x G
+                  grid (0: every token); an image cache made with ``--grid G`` holds exactly
+                  those G² tokens.
     embed_dim:    the shared embedding width when text_head != "none" (ignored otherwise).
     loss:         the loss the model trains with; decides the logit scale/bias initialisation.
     logit_scale_init / logit_bias_init: override LOGIT_INIT (log scale; bias) when not None.
@@ -157,7 +158,8 @@ class GLU(nn.Module):
 
 
 # Heads by name: (input width, output width, config) -> module. The image head reads the
-# tower's pooled feature, except token-mlp, which reads patch tokens (``image_inputs``).
+# tower's pooled feature, except token-mlp (and "prompt"), which read patch tokens
+# (``image_inputs``).
 IMAGE_HEAD_BUILDERS: dict[str, Callable[[int, int, ModelConfig], nn.Module]] = {
     "token-mlp": lambda i, o, cfg: TokenMLP(i, o),
     "linear": lambda i, o, cfg: nn.Linear(i, o),
@@ -295,7 +297,7 @@ class FacetCLIP(nn.Module):
         return feature_tokens(feats, self.num_prefix_tokens, self.channels_last)
 
     def image_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels → what the image head reads: patch tokens [B, L, C] (token-mlp) or the
+        """Pixels → what the image head reads: patch tokens [B, L, C] (token-mlp, prompt) or the
         tower's pooled feature [B, P] (the other heads). An image cache holds these."""
         if self.cfg.image_head in PATCH_TOKEN_HEADS:
             return self.patch_tokens(images)

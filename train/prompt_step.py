@@ -45,6 +45,14 @@ def check_prompt_config(cfg: TrainConfig, layout: dict) -> PromptLayout:
     cache = Cache.open(cfg.cache)
     pooling = cache.recipe.get("pooling")
     form = pooling if pooling in ("pformer", "pformer-code") else None
+    names = list(cache.manifest.layout["vector_names"])
+    if form is not None and list(cfg.facets or names) != names:
+        # the rows are the N prompts (or the code) in slot order; the head's per-slot mean and
+        # the MSE pair slot i with column i
+        raise InputError(
+            f"a P-Former cache's vectors are one caption's prompts in slot order; train on all "
+            f"of them (leave facets unset), not {cfg.facets}"
+        )
     if cfg.loss == "prompt-align":
         if form is None:
             raise InputError(
@@ -93,7 +101,7 @@ def prompt_statistics(cfg: TrainConfig, form: str | None) -> dict:
     """What a prompt run takes from its cache, in one pass (``store.prompts.prompt_stats``):
     ``text_mean``, center_text's offset (the mean prompt; None when center_text is off), and
     the "prompt" head's fixed output offset and scale, ``prompt_mean`` (each slot's mean
-    prompt, [N][D]) and ``prompt_scale`` (the prompts' spread). All None when the cache is not
+    prompt, float32 [N, D]) and ``prompt_scale`` (the prompts' spread). All None when the cache is not
     a prompt cache (caption-lm against another cache): then train's own mean, offset 0, scale 1."""
     if form is None:
         return {"text_mean": None, "prompt_mean": None, "prompt_scale": None}
@@ -101,7 +109,7 @@ def prompt_statistics(cfg: TrainConfig, form: str | None) -> dict:
 
     slot_mean, spread = prompt_stats(cfg.cache)
     return {"text_mean": slot_mean.mean(axis=0).tolist() if cfg.model.center_text else None,
-            "prompt_mean": slot_mean.tolist(), "prompt_scale": spread}  # fmt: skip
+            "prompt_mean": slot_mean, "prompt_scale": spread}  # fmt: skip
 
 
 def caption_ids(cfg: TrainConfig, keys: list[str]) -> dict[str, list[int]]:
