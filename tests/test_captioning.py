@@ -293,6 +293,19 @@ def test_the_alignment_mse_is_standardised_unless_switched_off():
     assert PromptStep(cfg, {**loop, "prompt_scale": None}, torch.device("cpu")).spread == 1.0
 
 
+def test_a_prompt_run_saved_before_standardize_resumes_on_the_raw_mse():
+    from train.loop import keep_saved_behaviour
+
+    cfg = TrainConfig(images="x", cache="c", out="r", loss="prompt-align")
+    new = cfg.to_toml()
+    assert "standardize = true" in new
+    old = new.replace("standardize = true\n", "")  # a config.toml saved before the option
+    for saved, want in ((new, True), (old, False)):
+        run = TrainConfig(images="x", cache="c", out="r", loss="prompt-align")
+        keep_saved_behaviour(run, saved)
+        assert run.prompt.standardize is want
+
+
 def test_prompt_targets_must_fit_the_head():
     model = build_model(tiny_model_config(), text_dim=16)
     model.set_prompt_targets(torch.full((N_PROMPTS, 16), 0.3), 0.05)

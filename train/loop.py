@@ -76,6 +76,7 @@ def prepare_run(
             raise InputError(f"{run} is not a run directory (no {CONFIG_FILE}); nothing to resume")
         cfg = TrainConfig.from_toml(run / CONFIG_FILE)
         cfg.out = str(run)
+        keep_saved_behaviour(cfg, (run / CONFIG_FILE).read_text())
     elif run.exists() and not run.is_dir():
         raise InputError(f"--out {run} is a file, not a folder; choose another --out")
     elif run.exists() and any(run.iterdir()):
@@ -140,6 +141,19 @@ def prepare_run(
     )
     (run / NAN_FILE).unlink(missing_ok=True)
     return cfg, facts
+
+
+def keep_saved_behaviour(cfg: TrainConfig, saved_toml: str) -> None:
+    """A resumed run keeps the loss it began with when an option was added since with a
+    default that changes it: a prompt run saved before ``prompt.standardize`` existed trained
+    on BLIText's raw MSE (its checkpoints also lack the head's ``out_mean``, which then loads
+    as 0, as it trained)."""
+    import tomllib
+
+    if cfg.loss in PROMPT_LOSSES and "standardize" not in tomllib.loads(saved_toml).get(
+        "prompt", {}
+    ):
+        cfg.prompt.standardize = False
 
 
 def check_config(cfg: TrainConfig) -> dict:
