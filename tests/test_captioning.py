@@ -533,35 +533,42 @@ def test_eval_captioning_reports_rates_beside_chance(untrained_run, prompt_data)
 # --- through Ray: both losses train, export and caption -----------------------------------------------
 
 
+def train_prompt_run(out, source: dict, cache, loss: str, llm, synth, align: float = 0.0):
+    """Train a 3-step prompt run from ``source`` (images or image_cache) through Ray, check what
+    every prompt run must hold (every step logged with a finite loss; the exported head's offset
+    and scale are the cache's slot means and prompt spread; `caption` works on the held-out
+    images) and return its metrics rows."""
+    from train.loop import train
+
+    cfg = TrainConfig(**source, cache=str(cache), out=str(out), loss=loss, steps=3, batch_size=8)
+    cfg.model = tiny_model_config()
+    cfg.data.image_size = 32  # a heads-only run takes the image cache's instead
+    cfg.optim.warmup_steps, cfg.run.log_every = 1, 1
+    if loss == "caption-lm":  # prompt-align never loads an LLM
+        cfg.prompt.llm, cfg.prompt.captions = str(llm), str(synth / "captions.parquet")
+        cfg.prompt.align = align
+    train(cfg, progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    exported = load_file(out / "model" / "model.safetensors")
+    mean, spread = prompt_stats(cache)
+    assert float(exported["image_head.out_scale"]) == pytest.approx(spread)
+    np.testing.assert_allclose(exported["image_head.out_mean"].numpy(), mean, rtol=1e-6)
+    c = caption_images(CaptionConfig(run=out, images=synth / "eval" / "retrieval",
+                                     max_new_tokens=4, progress=False))  # fmt: skip
+    assert c.captions == 8
+    return rows
+
+
 @pytest.mark.slow
 def test_prompt_align_and_caption_lm_train_on_ray_and_caption(prompt_data, tiny_model, tmp_path,
                                                              ray_session):  # fmt: skip
-    from train.loop import train
-
     synth, full, code = prompt_data
-    results = {}
     for name, cache, loss in (("align", code, "prompt-align"), ("lm", full, "caption-lm")):
-        cfg = TrainConfig(images=str(synth / "images"), cache=str(cache),
-                          out=str(tmp_path / name), loss=loss, steps=3, batch_size=8)  # fmt: skip
-        cfg.model = tiny_model_config()
-        cfg.data.image_size = 32
-        cfg.optim.warmup_steps, cfg.run.log_every = 1, 1
-        if loss == "caption-lm":  # prompt-align never loads an LLM
-            cfg.prompt.llm, cfg.prompt.captions = str(tiny_model), str(synth / "captions.parquet")
-        results[name] = train(cfg, progress=False)
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        term = "loss_align" if loss == "prompt-align" else "loss_lm"
-        assert [r["step"] for r in rows] == [1, 2, 3] and term in rows[-1]
-        assert all(np.isfinite(r["loss"]) for r in rows)
-        c = caption_images(CaptionConfig(run=tmp_path / name, images=synth / "eval" / "retrieval",
-                                         max_new_tokens=4, progress=False))  # fmt: skip
-        assert c.captions == 8
-        # the head's output offset and scale are the cache's slot means and prompt spread,
-        # in the exported model
-        exported = load_file(tmp_path / name / "model" / "model.safetensors")
-        mean, spread = prompt_stats(cache)
-        assert float(exported["image_head.out_scale"]) == pytest.approx(spread)
-        np.testing.assert_allclose(exported["image_head.out_mean"].numpy(), mean, rtol=1e-6)
+        rows = train_prompt_run(tmp_path / name, {"images": str(synth / "images")}, cache, loss,
+                                tiny_model, synth)  # fmt: skip
+        assert ("loss_align" if loss == "prompt-align" else "loss_lm") in rows[-1]
     # prompt-align was given no LLM; captioning finds it through the predictor of its cache
     from eval.captioning import run_llm
 
@@ -572,16 +579,17 @@ def test_prompt_align_and_caption_lm_train_on_ray_and_caption(prompt_data, tiny_
 def test_prompt_losses_train_heads_only_on_a_frozen_tower_cache(prompt_data, tiny_model, tmp_path,
                                                                  ray_session):  # fmt: skip
     """BLIP-2's setting: the tower frozen, its patch tokens cached once (`embed-images --grid`),
-    only the prompt head trained. Both losses run on the cached tokens (caption-lm finds each
-    row's caption by key); the export puts the cache's tower back in front of the head, so
-    prompts from pixels equal the head on the cached tokens, and `caption` works on images."""
+    only the prompt head trained. Both losses run on the cached tokens (caption-lm, with
+    P-Former's alignment term added, finds each row's caption by key); the export puts the
+    cache's tower back in front of the head, so prompts from pixels equal the head on the cached
+    tokens, and `caption` works on images."""
     from train.image_cache import (
         ImageCacheConfig,
         cached_features,
         open_image_cache,
         run_embed_images,
     )
-    from train.loop import check_config, train
+    from train.loop import check_config
 
     synth, full, code = prompt_data
     icache = tmp_path / "icache"
@@ -596,24 +604,16 @@ def test_prompt_losses_train_heads_only_on_a_frozen_tower_cache(prompt_data, tin
     with pytest.raises(InputError, match="embed the images with --grid"):
         check_config(cfg)
     for name, cache, loss in (("align", code, "prompt-align"), ("lm", full, "caption-lm")):
-        cfg = TrainConfig(image_cache=str(icache), cache=str(cache), out=str(tmp_path / name),
-                          loss=loss, steps=3, batch_size=8)  # fmt: skip
-        cfg.model = tiny_model_config()
-        cfg.optim.warmup_steps, cfg.run.log_every = 1, 1
-        if loss == "caption-lm":  # with P-Former's alignment term added (prompt.align)
-            cfg.prompt.llm, cfg.prompt.captions = str(tiny_model), str(synth / "captions.parquet")
-            cfg.prompt.align = 1.0
-        train(cfg, progress=False)
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        rows = train_prompt_run(tmp_path / name, {"image_cache": str(icache)}, cache, loss,
+                                tiny_model, synth, align=1.0)  # fmt: skip
         terms = ["loss_align"] + (["loss_lm"] if loss == "caption-lm" else [])
-        assert [r["step"] for r in rows] == [1, 2, 3]
         assert all(np.isfinite(r[t]) for r in rows for t in terms)
         model = load(tmp_path / name)
         assert model.meta["image_cache"] == str(icache)
         keys, read = image_rows(synth / "images", "auto")
         keys, pixels = keys[:4], [decode(b)[0] for b in read(0, 4)]
         head = model.model.image_head
-        mean, spread = prompt_stats(cache)  # the fixed offset and scale survive the export
+        mean, spread = prompt_stats(cache)  # the fixed offset and scale survive the loaded export
         np.testing.assert_allclose(head.out_mean.numpy(), mean, rtol=1e-6)
         assert float(head.out_scale) == pytest.approx(spread)
         from_pixels = model.prompt_tokens(pixels)
@@ -624,9 +624,6 @@ def test_prompt_losses_train_heads_only_on_a_frozen_tower_cache(prompt_data, tin
         torch.testing.assert_close((from_pixels - head.out_mean) / head.out_scale,
                                    (from_cache - head.out_mean) / head.out_scale,
                                    atol=2e-2, rtol=1e-2)  # fmt: skip
-        c = caption_images(CaptionConfig(run=tmp_path / name, images=synth / "eval" / "retrieval",
-                                         max_new_tokens=4, progress=False))  # fmt: skip
-        assert c.captions == 8
 
 
 def test_caption_lm_refuses_missing_captions_before_ray(prompt_data, tiny_model, tmp_path):

@@ -201,10 +201,10 @@ def use_image_cache(cfg: TrainConfig) -> int:
     cfg.data.image_size = recipe_transform(recipe).image_size
     if cfg.model.image_head in PATCH_TOKEN_HEADS:
         if not recipe.get("grid"):
-            alternative = ("" if cfg.model.image_head == "prompt"
-                           else ", or use image_head linear, mlp or glu")  # fmt: skip
-            who = (f"loss {cfg.loss}'s prompt head" if cfg.model.image_head == "prompt"
-                   else "image head token-mlp")  # fmt: skip
+            who, alternative = (
+                (f"loss {cfg.loss}'s prompt head", "") if cfg.model.image_head == "prompt"
+                else ("image head token-mlp", ", or use image_head linear, mlp or glu")
+            )  # fmt: skip
             raise InputError(
                 f"{who} reads patch tokens, but {cfg.image_cache} holds the pooled feature "
                 f"only; embed the images with --grid G (e.g. 2){alternative}"

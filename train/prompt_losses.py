@@ -33,10 +33,10 @@ __all__ = ["PROMPT_LOSSES", "caption_lm_loss", "compute_prompt_loss", "prompt_al
 ALIGN_WEIGHT = 10.0  # P-Former's w in the representation stage (100 in the generative stage)
 
 
-def prompt_mse(prompts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over every element of [B, N, D] (``F.mse_loss``'s mean, as in
-    BLIText's alignment term)."""
-    return F.mse_loss(prompts.float(), target.float())
+def prompt_mse(prompts: torch.Tensor, target: torch.Tensor, spread: float = 1.0) -> torch.Tensor:
+    """The alignment term: mean squared error over every element of [B, N, D] (``F.mse_loss``'s
+    mean, as in BLIText), divided by ``spread``² (``prompt_align_loss`` says why; 1: raw)."""
+    return F.mse_loss(prompts.float(), target.float()) / spread**2
 
 
 def prompt_align_loss(
@@ -60,7 +60,7 @@ def prompt_align_loss(
     raw units an LLM's input embeddings are small (the tiny LM's prompts: spread 0.046, MSE at
     the mean 0.0021), so w = 10 gave the MSE a fiftieth of the contrastive term's weight and
     the head learnt mostly the contrastive term (README, P-Former)."""
-    align = prompt_mse(prompts, target) / spread**2
+    align = prompt_mse(prompts, target, spread)
     con = clip_loss(image, text, logit_scale)["loss"]
     return {"loss": weight * align + contrastive_weight * con, "loss_align": align,
             "loss_contrastive": con}  # fmt: skip
@@ -92,7 +92,7 @@ def caption_lm_loss(
     con = clip_loss(image, text, logit_scale)["loss"]
     out = {"loss": weight * lm + contrastive_weight * con, "loss_lm": lm, "loss_contrastive": con}
     if align_weight > 0:
-        align = prompt_mse(prompts, target) / spread**2
+        align = prompt_mse(prompts, target, spread)
         out["loss"], out["loss_align"] = out["loss"] + align_weight * align, align
     return out
 
