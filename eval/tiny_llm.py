@@ -53,7 +53,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -162,6 +162,7 @@ class TinyLLMConfig:
     seed: int = 0
     lr: float = 3e-3
     batch_tokens: int = 4096  # padded tokens per optimiser step
+    row_tokens: int = 320  # a batch's prompts go into rows of at most this (regroup)
     answer_weight: float = 16.0  # loss weight of answer tokens relative to all other tokens
     sketches: int = 2  # scene sketches per caption (short sentences asked every facet)
     prefixed: int = 2  # caption openings per sample that follow a sketch of their scene
@@ -198,6 +199,10 @@ class TinyLLMConfig:
             f"n_captions must be in 1..10000000, got {self.n_captions}",
         )
         need(0 < self.lr <= 1.0, f"lr must be in (0, 1], got {self.lr}")
+        need(
+            16 <= self.row_tokens <= 100_000,
+            f"row_tokens must be in 16..100000, got {self.row_tokens}",
+        )
         need(
             256 <= self.batch_tokens <= 10_000_000,
             f"batch_tokens must be in 256..10000000, got {self.batch_tokens}",
@@ -407,6 +412,34 @@ def join_items(items: Sequence[PackedItem]) -> PackedItem:
         target=tuple(t for it in items for t in it.target),
         weight=tuple(w for it in items for w in it.weight),
     )
+
+
+def regroup(rows: Sequence[PackedItem], cap: int) -> list[PackedItem]:
+    """The prompts of ``rows`` regrouped into rows of at most ``cap`` tokens (a longer prompt
+    gets a row of its own), first fit by decreasing length; each row's prompts keep their
+    order.
+
+    Why: attention costs the square of a row's length, and a prompt attends only to itself,
+    so the same tokens in shorter rows train the same loss for less. A training sample is ~880
+    tokens of ~9 prompts of up to ~320; in rows of 320 its attention costs about a third."""
+    names = [f.name for f in fields(PackedItem)]
+    prompts = []
+    for row in rows:
+        cuts = [i for i in range(1, len(row.item)) if row.item[i] != row.item[i - 1]]
+        for a, b in zip([0, *cuts], [*cuts, len(row.item)], strict=True):
+            prompts.append(PackedItem(*(getattr(row, n)[a:b] for n in names)))
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids)):  # longest first
+        n = len(prompts[i].ids)
+        j = next((j for j, size in enumerate(sizes) if size + n <= cap), None)
+        if j is None:
+            bins.append([i])
+            sizes.append(n)
+        else:
+            bins[j].append(i)
+            sizes[j] += n
+    return [join_items([prompts[i] for i in sorted(b)]) for b in bins]
 
 
 def attention_allowed(item: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
@@ -669,10 +702,12 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
         _synth_samples(HELDOUT_CAPTIONS, cfg.seed, start=cfg.n_captions), enc, 2.0, cfg.seed + 1
     )
     heldout_batches = [
-        collate([heldout[i] for i in b], tok.pad_token_id)
+        collate(regroup([heldout[i] for i in b], cfg.row_tokens), tok.pad_token_id)
         for b in token_budget_batches([len(it.ids) for it in heldout], cfg.batch_tokens)
     ]
     # Length bucketing keeps padding small; the order of the buckets is shuffled every epoch.
+    # A bucket holds whole samples (every kind of prompt in each batch); their prompts are
+    # regrouped into rows of at most row_tokens (regroup).
     buckets = token_budget_batches([len(r.ids) for r in rows], cfg.batch_tokens)
     gen = torch.Generator().manual_seed(cfg.seed)
 
@@ -705,7 +740,8 @@ def train(model, tok, samples: Sequence, cfg: TinyLLMConfig, console) -> dict:
         for step in range(cfg.steps):
             if not order:
                 order = torch.randperm(len(buckets), generator=gen).tolist()
-            batch = collate([rows[i] for i in buckets[order.pop()]], tok.pad_token_id)
+            bucket = [rows[i] for i in buckets[order.pop()]]
+            batch = collate(regroup(bucket, cfg.row_tokens), tok.pad_token_id)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.steps, cfg.lr)
             ce = token_losses(model, batch)

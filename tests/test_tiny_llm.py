@@ -142,6 +142,7 @@ def test_refuses_non_empty_out_unless_overwrite(tmp_path):
         (dict(vocab_size=100), "vocab_size must be in 300"),
         (dict(lr=0.0), "lr must be in"),
         (dict(batch_tokens=10), "batch_tokens must be in 256"),
+        (dict(row_tokens=8), "row_tokens must be in 16"),
         (dict(answer_weight=-1.0), "answer_weight must be in 0"),
         (dict(sketches=-1), "sketches must be in 0"),
         (dict(prefixed=101), "prefixed must be in 0"),
@@ -196,6 +197,55 @@ def test_packed_rows_match_standalone_sequences(tiny_dirs, offline):
                 packed[0, end - 1], alone(context + facet), rtol=1e-5, atol=1e-5
             )
         torch.testing.assert_close(packed[1, 2], alone([1, 45, 46]), rtol=1e-5, atol=1e-5)
+
+
+def test_regrouped_rows_train_the_same_loss_in_shorter_rows(tiny_dirs, offline):
+    """Training regroups a batch's prompts into rows of at most row_tokens (attention costs
+    the square of a row's length): every prompt lands whole in one row, no row outgrows the
+    cap unless one prompt does alone, and every predicted token's loss is the one it had in
+    the sample's own row."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.tiny_llm import (
+        _Encoder,
+        _synth_samples,
+        collate,
+        regroup,
+        token_losses,
+        training_rows,
+    )
+
+    root = tiny_dirs[0]
+    model = AutoModelForCausalLM.from_pretrained(root / "trained").eval()
+    enc = _Encoder(AutoTokenizer.from_pretrained(root / "trained"))
+    rows = training_rows(_synth_samples(3, seed=5), enc, 16.0, seed=0, sketches=2, prefixed=2)
+    prompt_count = sum(len(set(r.item)) for r in rows)
+    longest = max(
+        sum(1 for i in r.item if i == k) for r in rows for k in set(r.item)
+    )  # the longest prompt
+    cap = longest + 10
+    short = regroup(rows, cap)
+    assert sum(len(set(r.item)) for r in short) == prompt_count
+    assert sum(len(r.ids) for r in short) == sum(len(r.ids) for r in rows)
+    assert all(len(r.ids) <= cap for r in short) and len(short) > len(rows)
+    assert regroup(rows, 16)[0].ids  # a cap below a prompt's length: that prompt alone
+
+    def losses(batch_rows):  # prompt ids -> its tokens' losses (as trained: weight > 0)
+        batch = collate(batch_rows, pad_id=0)
+        with torch.no_grad():
+            ce = token_losses(model, batch)
+        out = {}
+        for b, r in enumerate(batch_rows):
+            for k in set(r.item):
+                where = [i for i, item in enumerate(r.item) if item == k]
+                ids = r.ids[where[0] : where[-1] + 1]
+                out[ids] = [float(ce[b, i]) for i in where if r.weight[i] > 0]
+        return out
+
+    joined, regrouped = losses(rows), losses(short)
+    assert joined.keys() == regrouped.keys()
+    for ids, value in joined.items():
+        assert regrouped[ids] == pytest.approx(value, abs=1e-5)
 
 
 def test_an_answer_is_a_token_its_caption_holds(tiny_dirs):
