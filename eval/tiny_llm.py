@@ -160,7 +160,7 @@ class TinyLLMConfig:
     vocab_size: int = 3000  # an upper bound: BPE stops when the corpus has no more merges
     n_captions: int = 3000
     seed: int = 0
-    lr: float = 5e-3
+    lr: float = 3e-3
     batch_tokens: int = 4096  # padded tokens per optimiser step
     row_tokens: int = 320  # a batch's prompts go into rows of at most this (regroup)
     answer_weight: float = 16.0  # loss weight of answer tokens relative to all other tokens
