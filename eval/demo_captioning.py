@@ -29,7 +29,7 @@ class CaptionDemoConfig:
     # stage one: the prompt predictor (a fraction of `facetclip pformer`'s default size)
     # held-out main-object word said from the predicted prompts (chance 0.11), 2026-11-30, on
     # a 1-thread tiny LM: 150 steps 0.14, 300 steps 0.51, 600 steps 0.83 (the demo's 2-thread
-    # LM of the same day, 600 steps: 0.56)
+    # LM of the same day, 600 steps: 0.56; after its rows were regrouped, another draw: 0.755)
     pformer_steps: int = 600
     # The contrastive term's positives: each long caption's short caption of the same image
     # (synth writes both). With masked copies of one caption as positives, the pooled code
