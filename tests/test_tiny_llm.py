@@ -220,15 +220,15 @@ def test_regrouped_rows_train_the_same_loss_in_shorter_rows(tiny_dirs, offline):
     enc = _Encoder(AutoTokenizer.from_pretrained(root / "trained"))
     rows = training_rows(_synth_samples(3, seed=5), enc, 16.0, seed=0, sketches=2, prefixed=2)
     prompt_count = sum(len(set(r.item)) for r in rows)
-    longest = max(
-        sum(1 for i in r.item if i == k) for r in rows for k in set(r.item)
-    )  # the longest prompt
-    cap = longest + 10
+    cap = max(r.item.count(k) for r in rows for k in set(r.item)) + 10  # the longest prompt's
     short = regroup(rows, cap)
     assert sum(len(set(r.item)) for r in short) == prompt_count
     assert sum(len(r.ids) for r in short) == sum(len(r.ids) for r in rows)
     assert all(len(r.ids) <= cap for r in short) and len(short) > len(rows)
-    assert regroup(rows, 16)[0].ids  # a cap below a prompt's length: that prompt alone
+    # a prompt longer than the cap gets a row of its own
+    tight = regroup(rows, 16)
+    assert sum(len(set(r.item)) for r in tight) == prompt_count
+    assert all(len(r.ids) <= 16 or len(set(r.item)) == 1 for r in tight)
 
     def losses(batch_rows):  # prompt ids -> its tokens' losses (as trained: weight > 0)
         batch = collate(batch_rows, pad_id=0)
