@@ -161,26 +161,32 @@ def free_cuda() -> None:
 # --- (a) agreement and (b) context reuse --------------------------------------------------------
 
 
-def check_hf_agreement(model: Path, rows: list[dict], device: str) -> bool:
-    """(a), hf half: the hf engine on ``device`` in fp32 and bf16 against the hf engine in
-    fp32 on the CPU, which is the definition stage one honours."""
+def engine_config(model: Path, recipe_name: str, layer: int, dtype: str, **kw):
     from embed.engine import EngineConfig
-    from embed.hf_engine import HFEngine
     from embed.prompts import BUILTIN_RECIPES
 
-    ok, results = True, []
+    pooling = BUILTIN_RECIPES[recipe_name].pooling
+    return EngineConfig(str(model), pooling=pooling, layer=layer, dtype=dtype, **kw)
+
+
+def check_hf_agreement(model: Path, rows: list[dict], device: str) -> tuple[bool, dict]:
+    """(a), hf half: the hf engine on ``device`` in fp32 and bf16 against the hf engine in
+    fp32 on the CPU, which is the definition stage one honours. Returns the verdict and, per
+    case, (items, fp32 vectors, bf16 vectors) on ``device``, for the vLLM half."""
+    from embed.hf_engine import HFEngine
+
+    ok, results, hf = True, [], {}
     for recipe_name, layer in AGREEMENT_CASES:
         items = encode(model, recipe_name, rows)
 
-        def cfg(dtype, dev, layer=layer, recipe_name=recipe_name):
-            pooling = BUILTIN_RECIPES[recipe_name].pooling
-            return EngineConfig(str(model), pooling=pooling, layer=layer, dtype=dtype, device=dev)
-
-        ref = HFEngine(cfg("float32", "cpu")).embed(items)
-        c32 = cosine(HFEngine(cfg("float32", device)).embed(items), ref).min()
-        c16 = cosine(HFEngine(cfg("bfloat16", device)).embed(items), ref).min()
+        ref, g32, g16 = (
+            HFEngine(engine_config(model, recipe_name, layer, dtype, device=dev)).embed(items)
+            for dtype, dev in (("float32", "cpu"), ("float32", device), ("bfloat16", device))
+        )
+        hf[recipe_name, layer] = (items, g32, g16)
         if device != "cpu":
             free_cuda()
+        c32, c16 = cosine(g32, ref).min(), cosine(g16, ref).min()
         passed = bool(c32 >= FP32_TARGET and c16 >= COSINE_TARGET)
         ok &= passed
         layer_name = "last" if layer == -1 else str(layer)
@@ -191,25 +197,19 @@ def check_hf_agreement(model: Path, rows: list[dict], device: str) -> bool:
     headers = ["recipe", "layer", "vectors", f"min cos, fp32 (>= {FP32_TARGET})",
                f"min cos, bf16 (>= {COSINE_TARGET})", ""]  # fmt: skip
     print(table(headers, results) + "\n", flush=True)
-    return ok
+    return ok, hf
 
 
-def check_agreement(model: Path, rows: list[dict], eager: bool) -> tuple[bool, dict]:
-    from embed.engine import EngineConfig
-    from embed.hf_engine import HFEngine
-    from embed.prompts import BUILTIN_RECIPES
+def check_agreement(model: Path, hf: dict, eager: bool) -> tuple[bool, dict]:
+    """(a), vLLM half: the vllm engine (bf16) against the hf engine's GPU vectors of
+    ``check_hf_agreement`` (fp32 and bf16), case by case; and (b)'s cache counts."""
     from embed.vllm_engine import VLLMEngine, expected_cached_tokens, facet_requests
 
     ok = True
     results, cache = [], {}
-    for recipe_name, layer in AGREEMENT_CASES:
-        pooling = BUILTIN_RECIPES[recipe_name].pooling
-        items = encode(model, recipe_name, rows)
-
-        def cfg(dtype, layer=layer, pooling=pooling, **kw):
-            return EngineConfig(str(model), pooling=pooling, layer=layer, dtype=dtype, **kw)
-
-        with VLLMEngine(cfg("bfloat16", gpu_memory_utilization=0.4), enforce_eager=eager) as v:
+    for (recipe_name, layer), (items, ref, hf16) in hf.items():
+        cfg = engine_config(model, recipe_name, layer, "bfloat16", gpu_memory_utilization=0.4)
+        with VLLMEngine(cfg, enforce_eager=eager) as v:
             got = v.embed(items)
             if recipe_name == "flame-long" and layer == -1:
                 requests = facet_requests(items)
@@ -223,9 +223,6 @@ def check_agreement(model: Path, rows: list[dict], eager: bool) -> tuple[bool, d
                     "context_once": sum((len(it.facets) - 1) * len(it.context) for it in items),
                     "packed": sum(it.packed_length for it in items),
                 }
-        free_cuda()
-        ref = HFEngine(cfg("float32", device="cuda")).embed(items)
-        hf16 = HFEngine(cfg("bfloat16", device="cuda")).embed(items)
         free_cuda()
         if got.shape == ref.shape:
             c32, c16 = cosine(got, ref).min(), cosine(got, hf16).min()
@@ -244,7 +241,9 @@ def check_agreement(model: Path, rows: list[dict], eager: bool) -> tuple[bool, d
                 "PASS" if passed else "FAIL",
             ]
         )
-    print(f"(a) vllm (bf16) vs hf engine, {len(rows)} synthetic captions, untrained 4-layer Llama")
+    print(
+        f"(a) vllm (bf16) vs hf engine on the GPU, {len(items)} synthetic captions, untrained 4-layer Llama"
+    )
     headers = [
         "recipe",
         "layer",
@@ -616,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="facetclip-gpu-check-") as tmp:
         tmp = Path(tmp)
         model = build_small_llm(tmp / "small-llm")
-        ok = check_hf_agreement(model, synth_rows(args.captions), args.device)
+        ok, hf = check_hf_agreement(model, synth_rows(args.captions), args.device)
         if not args.skip_bench:
             check_tune(args, model)
             if args.device.startswith("cuda"):
@@ -626,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             import vllm
 
             print(f"vLLM {vllm.__version__}\n")
-            agree, cache = check_agreement(model, synth_rows(args.captions), args.eager)
+            agree, cache = check_agreement(model, hf, args.eager)
             ok &= agree and report_cache(cache)
         if not args.skip_bench:
             check_throughput(tmp, model, args, with_vllm=not missing)
