@@ -202,6 +202,15 @@ def tiny_llm(
             "after training (nearest centroid per facet); 0 = none.",
         ),
     ] = 0,
+    probe_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=1_000_000,
+            help="With --probe: also probe every this many steps (logged as probe_curve in "
+            "training_log.json); 0 = only before and after.",
+        ),
+    ] = 0,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """A small Llama-architecture causal LM + tokenizer, briefly pre-trained on synthetic captions.
@@ -211,7 +220,7 @@ def tiny_llm(
     _quiet_libraries()
     from eval import TinyLLMConfig, build_tiny_llm, render_tiny_llm
 
-    kwargs = dict(seed=seed, overwrite=overwrite, probe_n=probe)
+    kwargs = dict(seed=seed, overwrite=overwrite, probe_n=probe, probe_every=probe_every)
     for name, value in (("steps", steps), ("hidden_size", hidden_size), ("num_layers", layers)):
         if value is not None:
             kwargs[name] = value

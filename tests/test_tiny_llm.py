@@ -147,6 +147,8 @@ def test_refuses_non_empty_out_unless_overwrite(tmp_path):
         (dict(sketches=-1), "sketches must be in 0"),
         (dict(prefixed=101), "prefixed must be in 0"),
         (dict(probe_n=2), "probe_n must be 0 .no probe. or in 4"),
+        (dict(probe_every=-5), "probe_every must be in 0"),
+        (dict(probe_every=5), "probe_every needs held-out captions"),
     ],
 )
 def test_bad_config_is_refused_with_the_allowed_range(tmp_path, change, match):
@@ -335,3 +337,16 @@ def test_prefixed_documents_put_a_sketch_before_a_caption_opening(tiny_dirs):
             # the opening's last token sees the whole sketch, and nothing of other items
             assert allowed[at[-1], at[0] : at[-1] + 1].all()
             assert not allowed[at[-1], : at[0]].any()
+
+
+def test_probe_every_logs_when_each_facet_is_learnt(tmp_path):
+    from eval.tiny_llm import PROBE_FACETS
+
+    cfg = TinyLLMConfig(steps=6, probe_n=8, probe_every=2, **SMALL)
+    build_tiny_llm(tmp_path / "m", cfg, progress=False)
+    log = json.loads((tmp_path / "m" / "training_log.json").read_text())
+    # steps 2 and 4 (the probe after step 6 is probe_trained)
+    assert [step for step, _ in log["probe_curve"]] == [2, 4]
+    for _, probe in log["probe_curve"]:
+        assert set(probe) == set(PROBE_FACETS) and all(0 <= v <= 1 for v in probe.values())
+    assert set(log["probe_trained"]) == set(PROBE_FACETS)
