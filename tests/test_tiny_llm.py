@@ -350,3 +350,10 @@ def test_probe_every_logs_when_each_facet_is_learnt(tmp_path):
     for _, probe in log["probe_curve"]:
         assert set(probe) == set(PROBE_FACETS) and all(0 <= v <= 1 for v in probe.values())
     assert set(log["probe_trained"]) == set(PROBE_FACETS)
+    # probing does not touch training: the same weights as a run that probes only at the end
+    build_tiny_llm(tmp_path / "plain", TinyLLMConfig(steps=6, probe_n=8, **SMALL), progress=False)
+    plain = json.loads((tmp_path / "plain" / "training_log.json").read_text())
+    assert "probe_curve" not in plain and plain["probe_trained"] == log["probe_trained"]
+    wa = load_file(tmp_path / "m" / "model.safetensors")
+    wb = load_file(tmp_path / "plain" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
