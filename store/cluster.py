@@ -8,8 +8,9 @@ object store is capped (``object_store_bytes``: Ray's default takes 30% of the m
 memory per Ray instance, so two runs would claim 60% between them), and of the workers that
 sit idle only as many are kept as there are logical CPUs beyond the work's own
 (``idle_workers``; Ray's default keeps one per logical CPU, each holding the libraries its
-last task imported). The memory monitor stays on: when the machine's memory use passes its threshold it kills a worker, and
-``ray_failure_cause`` says so in one line with the setting to change.
+last task imported). The memory monitor stays on: when the machine's memory use passes its
+threshold it kills a worker, and ``ray_failure_cause`` says so in one line with the setting
+to change.
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def idle_workers(cpus: int, cpus_needed: int) -> int:
     one per logical CPU that the work's own workers leave free, which is how many of Ray Data's
     tasks run at once. Training starts a short Ray Data pipeline every epoch; had its task
     workers exited in between (the limit was 0), each epoch began by starting Python processes
-    that import the task's libraries again: measured on 2 cores (demo flame run, 150
-    steps, 2 training workers), 0 kept: 150-155 images/s, 82-83 s; 2 kept: 183-192, 73-74 s,
-    with the same losses; 4 kept was no faster than 2."""
+    that import the task's libraries again: measured on 2 cores (demo flame run, 150 steps,
+    2 training workers), 0 kept: 150-155 images/s, 82-83 s; 2 kept: 183-192, 73-74 s, with
+    the same losses; 4 kept was no faster than 2."""
     return max(1, cpus - cpus_needed)
 
 
