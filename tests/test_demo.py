@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 
 import pandas as pd
 import pytest
@@ -115,6 +116,11 @@ def test_demo_captions_held_out_images_with_both_prompt_losses(demo):
     c = recon["conditions"]["predicted"]
     assert f"| predicted | {c['token_acc']:.3f} | {c['loss']:.3f} |" in md
     assert (cfg.out / "cache" / "pformer" / "manifest.json").is_file()
+    # the predictor trained with the demo's loss settings, not pformer's published defaults
+    loss = tomllib.loads((cfg.out / "pformer" / "config.toml").read_text())["loss"]
+    assert (loss["views"], loss["pair_column"]) == (cfg.caption.views, cfg.caption.pair_column)
+    assert loss["contrastive"] == cfg.caption.contrastive != 1.0
+    assert loss["mask_prob"] == cfg.caption.mask_prob != 0.25
 
 
 def test_demo_refuses_a_non_empty_out_without_overwrite(tmp_path):
