@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import tomllib
 
 import pandas as pd
 import pytest
 
+from embed.pformer import LossConfig, PFormerConfig
 from eval.demo import COMPARE, EVALS, DemoConfig, final_report, run_demo
 from eval.demo_captioning import CaptionDemoConfig
 from eval.synth import COLORS, SHAPES
@@ -117,10 +117,11 @@ def test_demo_captions_held_out_images_with_both_prompt_losses(demo):
     assert f"| predicted | {c['token_acc']:.3f} | {c['loss']:.3f} |" in md
     assert (cfg.out / "cache" / "pformer" / "manifest.json").is_file()
     # the predictor trained with the demo's loss settings, not pformer's published defaults
-    loss = tomllib.loads((cfg.out / "pformer" / "config.toml").read_text())["loss"]
-    assert (loss["views"], loss["pair_column"]) == (cfg.caption.views, cfg.caption.pair_column)
-    assert loss["contrastive"] == cfg.caption.contrastive != 1.0
-    assert loss["mask_prob"] == cfg.caption.mask_prob != 0.25
+    loss = PFormerConfig.from_toml(cfg.out / "pformer" / "config.toml").loss
+    published = LossConfig()
+    assert (loss.views, loss.pair_column) == (cfg.caption.views, cfg.caption.pair_column)
+    assert loss.contrastive == cfg.caption.contrastive != published.contrastive
+    assert loss.mask_prob == cfg.caption.mask_prob != published.mask_prob
 
 
 def test_demo_refuses_a_non_empty_out_without_overwrite(tmp_path):
