@@ -200,29 +200,29 @@ class TinyLLMConfig:
     colour sooner (seed 3: 0.11 at 1200 steps).
 
     A vocabulary of 1536 instead of 3000 holds the corpus's words as whole tokens as well
-    (2,636,754 tokens per epoch vs 2,634,641) and makes a step 1.47x faster on 2 threads
-    (0.216 -> 0.147 s, median of 10; at 3000 entries the log-softmax alone took 15 % of a
-    step, besides the LM head itself), so 2000 steps cost what 1360 do. With them both draws
-    run as the CLI runs learnt the colour (from step ~1600 and ~1200) and the demo's (seed 0)
-    all four facets: 1.00 / 1.00 / 0.97 / 1.00; seed 1 left the minor object at 0.80. In the
-    demo (2026-12-01, LM 284 s) that LM doubled FLAME's retrieval (i2t / t2i R@1 0.580 /
-    0.625, today's default 0.275 / 0.345) and colour+shape zero-shot (0.288 vs 0.112), but
-    P-Former's predictor no longer steered it to the main object: the text-only check's
-    main-object word 0.080 (another predictor seed 0.125; no prompt 0.140; chance 0.111;
-    today's 0.755), and the captions named the true colour (prompt-align / caption-lm 0.495 /
-    0.695) but the shape at chance (0.080 / 0.080; today's 0.485 / 0.645), though the LM
-    copies a sketch's shape before BOS as often as today's (0.525 vs 0.530, 200 held-out
+    (2,636,754 tokens per epoch vs 2,634,641) and makes a step 1.47x faster on 2 threads (0.216
+    -> 0.147 s, median of 10; at 3000 entries the log-softmax alone took 15 % of a step, besides
+    the LM head itself), so 2000 steps cost what 1360 do. With them both draws run as the CLI
+    runs learnt the colour (from step ~1600 and ~1200) and the demo's (seed 0) all four facets:
+    1.00 / 1.00 / 0.97 / 1.00; seed 1 left the minor object at 0.80. In the demo (2026-12-01, LM
+    284 s) that LM doubled FLAME's retrieval (i2t / t2i R@1 0.580 / 0.625; the default LM's on
+    the same machine 0.275 / 0.345) and colour+shape zero-shot (0.288 vs 0.112), but P-Former's
+    predictor no longer steered it to the main object: the text-only check's main-object word
+    0.080 (another predictor seed 0.125; no prompt 0.140; chance 0.111; the default LM's 0.755),
+    and the captions named the true colour (prompt-align / caption-lm 0.495 / 0.695) but the
+    shape at chance (0.080 / 0.080; the default LM's 0.485 / 0.645), though the LM copies a
+    sketch's shape before BOS as often as the default does (0.525 vs 0.530, 200 held-out
     captions, teacher-forced) and now its colour too (0.953 vs 0.078). llm2clip's zero-shot
     shape fell to 0.133 (0.556) and its tuning's caption retrieval to 0.394 (0.670). The demo
-    must show every method, so it is not the default. Not for want of steerability: 8 free
-    soft prompts per caption, fitted to 128 held-out captions (reconstruction only, 200 Adam
-    steps), make it say the main object at its first mention as they make today's LM
-    (teacher-forced 0.09 -> 1.00; today's 0.12 -> 1.00). The predictor does not learn to
-    produce them for it: main-object token 0.145 after 600 steps, 0.205 after 1,500, 0.108
-    with the demo's predictor settings of 2026-12-01 (contrastive 10, no masking), where
-    today's LM gets 0.669 and 0.958 from the same predictors; its greedy captions keep the
-    reference's sentence form and name another object. Its input embeddings are 2.3x larger
-    (mean row norm 2.12 vs 0.93). Why the predictor cannot reach it is open.
+    must show every method, so it is not the default. Not for want of steerability: 8 free soft
+    prompts per caption, fitted to 128 held-out captions (reconstruction only, 200 Adam steps),
+    make it say the main object at its first mention as they make the default LM (teacher-forced
+    0.09 -> 1.00; the default 0.12 -> 1.00). The predictor does not learn to produce them for
+    it: main-object token 0.145 after 600 steps, 0.205 after 1,500, 0.108 with the demo's
+    predictor settings of 2026-12-01 (contrastive 10, no masking), where the default LM gets
+    0.669 and 0.958 from the same predictors; its greedy captions keep the reference's sentence
+    form and name another object. Its input embeddings are 2.3x larger (mean row norm 2.12 vs
+    0.93). Why the predictor cannot reach it is open.
 
     A run is reproducible bit for bit given its seed and thread setting (checked under load
     too), but ``torch.set_num_threads(2)`` and torch's default of 2 threads sum in other
