@@ -46,6 +46,7 @@ from store.cluster import init_ray
 from store.collective import gather_features
 from store.config import TomlConfig
 from store.errors import FacetclipError, InputError
+from store.precision import use_bf16_autocast
 from store.runs import (
     METRICS_FILE,
     NAN_FILE,
@@ -94,7 +95,7 @@ class RunConfig:
     workers: int = 1
     gpus_per_worker: float = 0
     cpus_per_worker: int = 1
-    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    amp: bool = True  # bf16 autocast on GPU and on CPUs with bf16 arithmetic (store.precision)
     checkpoint_every: int = 200
     log_every: int = 10
     max_failures: int = 1
@@ -523,7 +524,7 @@ def worker_loop(loop_cfg: dict) -> None:
                                   betas=cfg.optim.betas)  # fmt: skip
     if ckpt is not None:
         load_checkpoint(ckpt, raw, optimizer, device=device)
-    amp = cfg.run.amp and device.type == "cuda"
+    amp = use_bf16_autocast(cfg.run.amp, device)  # GPU, or a CPU with bf16 arithmetic
     warmup = min(cfg.optim.warmup_steps, cfg.steps // 2)
     log = MetricsLog(run, enabled=rank == 0, after_step=state["step"])
     n_train, per_worker = loop_cfg["n_train"], cfg.batch_size // world

@@ -113,7 +113,8 @@ def test_resume_ends_with_the_same_weights(data, tmp_path, ray_session):
     assert result.steps == 4
     a, b = weights(straight), weights(broken)
     # Same data order (a function of seed and epoch), same facet samples (seed, step, rank),
-    # same arithmetic on one CPU thread: equal to float32 rounding.
+    # same arithmetic on one CPU thread (bf16 autocast where the CPU has bf16 arithmetic, both
+    # runs alike): equal to float32 rounding.
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     steps = [json.loads(line)["step"] for line in (broken / METRICS_FILE).read_text().splitlines()]

@@ -317,6 +317,7 @@ def worker_loop(loop_cfg: dict) -> None:
     import ray.train.torch
     import torch
 
+    from store.precision import use_bf16_autocast
     from train.losses import compute_loss, select_facets
     from train.model import build_model, lr_at
 
@@ -339,6 +340,12 @@ def worker_loop(loop_cfg: dict) -> None:
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model)
+    # Channels-last: oneDNN convolves it 1.17x faster on CPU (resnet10t, README "Precision on
+    # CPU"), and it is PyTorch's advice for convnets under AMP on GPU. Only 4-D tensors change
+    # layout (a ViT's patch embedding is its one); the math is the same.
+    pixels = model.tower is not None
+    if pixels:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     raw = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(
@@ -346,7 +353,7 @@ def worker_loop(loop_cfg: dict) -> None:
     )
     if ckpt is not None:
         load_checkpoint(ckpt, raw, optimizer, device=device)
-    amp = cfg.run.amp and device.type == "cuda"
+    amp = use_bf16_autocast(cfg.run.amp, device)  # GPU, or a CPU with bf16 arithmetic
     # The prompt losses' step (train.prompt_step): targets from the cache, or the frozen LLM.
     prompt_step = None
     if cfg.loss in PROMPT_LOSSES:
@@ -367,6 +374,8 @@ def worker_loop(loop_cfg: dict) -> None:
             consumed += 1
             invalid_total += n_invalid  # undecodable images: counted, never fatal
             images = images.to(device)  # pixels, or cached features (heads only)
+            if pixels:
+                images = images.contiguous(memory_format=torch.channels_last)
             vectors = vectors.to(device)
 
             # 1. learning rate: warm-up then cosine
