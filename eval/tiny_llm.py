@@ -222,7 +222,12 @@ class TinyLLMConfig:
     predictor settings of 2026-12-01 (contrastive 10, no masking), where the default LM gets
     0.669 and 0.958 from the same predictors; its greedy captions keep the reference's sentence
     form and name another object. Its input embeddings are 2.3x larger (mean row norm 2.12 vs
-    0.93). Why the predictor cannot reach it is open.
+    0.93), but that is not the cause: the default LM trained 2400 steps (1.00 / 1.00 / 0.95 /
+    1.00 on the probe) has smaller ones (0.73) and fails the same way (main-object word 0.335,
+    teacher-forced 0.355), while the predicted prompts have the same scale and per-caption
+    spread for all three LMs. Why an LM that has learnt every facet is out of the predictor's
+    reach is open. (bf16 autocast, 1.54x a step on a CPU with bf16 arithmetic, is not used
+    here: at 2000 steps its seed 0 had the colour at 0.27.)
 
     A run is reproducible bit for bit given its seed and thread setting (checked under load
     too), but ``torch.set_num_threads(2)`` and torch's default of 2 threads sum in other
