@@ -227,9 +227,11 @@ class TinyLLMConfig:
     teacher-forced 0.355), while the predicted prompts have the same scale and per-caption
     spread for all three LMs. Weighting the predictor's nearest-token term 30 (prompts that
     look like tokens) lifts the 2400-step LM to 0.655 / 0.140 / 0.440 over predictor seeds
-    0 / 1 / 2 (from 0.335 / 0.085 / 0.270), and not the 1536 one; why an LM that has learnt
-    every facet is harder for the predictor to reach is open. (bf16 autocast, 1.54x a step on a CPU with bf16 arithmetic, is not used
-    here: at 2000 steps its seed 0 had the colour at 0.27.)
+    0 / 1 / 2 (from 0.335 / 0.085 / 0.270; these predictors trained under bf16 autocast, the
+    default on a CPU with bf16 arithmetic since 2026-12-01; the 1536 figures before them in
+    float32), and not the 1536 one (0.130-0.155); why an LM that has learnt every facet is
+    harder for the predictor to reach is open. This LM's own training stays float32: bf16
+    autocast makes its step 1.54x faster, but at 2000 steps seed 0 had the colour at 0.27.
 
     A run is reproducible bit for bit given its seed and thread setting (checked under load
     too), but ``torch.set_num_threads(2)`` and torch's default of 2 threads sum in other

@@ -1,4 +1,5 @@
-"""When ``amp`` (bf16 autocast) is on: the one rule every training loop uses.
+"""When ``amp`` (bf16 autocast) is on: the one rule of ``train`` and ``pformer`` (``tune``
+keeps float32 on CPU: bf16 autocast was no faster there).
 
 On a CUDA GPU, always (as every loop did before). On a CPU only where the CPU computes bf16 in
 hardware, x86's AVX512-BF16 or AMX-BF16: there a step of the demo's conv tower is ~1.5x faster
@@ -6,7 +7,8 @@ than in float32 (AMD EPYC with AVX512-BF16, 2 cores: resnet10t 64 px, batch 32, 
 backward 0.155 s float32, 0.132 s channels-last, 0.087 s channels-last + bf16); where the CPU
 lacks them oneDNN emulates bf16 and gains nothing, so float32 stays. Arm's BF16 extension is
 not assumed (not measured). ``FACETCLIP_CPU_BF16=0`` (or ``1``) overrides the CPU's answer for
-every loop, e.g. to train bit for bit what a machine without bf16 trains.
+every loop, e.g. to train bit for bit what a machine without bf16 trains. Each Ray worker
+decides on its own node, so a cluster of mixed CPUs trains its ranks in mixed precision.
 
 ``import torch`` is not needed here: importing store/ stays cheap.
 """
@@ -33,7 +35,8 @@ def cpu_flags(cpuinfo: str) -> set[str]:
 
 
 @functools.cache
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16_hardware() -> bool:
+    """What /proc/cpuinfo says, whatever the override (False where it cannot be read)."""
     try:
         return bool(cpu_flags(Path("/proc/cpuinfo").read_text()) & CPU_BF16_FLAGS)
     except OSError:  # not Linux: unknown, so float32
@@ -45,11 +48,11 @@ def cpu_computes_bf16() -> bool:
     forced = os.environ.get(ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return _cpu_has_bf16()
+    return cpu_has_bf16_hardware()
 
 
 def use_bf16_autocast(amp: bool, device) -> bool:
     """Whether a loop with ``amp`` on runs under ``torch.autocast(dtype=bfloat16)`` on
     ``device`` (a torch.device or its type name)."""
-    kind = getattr(device, "type", device)
+    kind = str(getattr(device, "type", device)).split(":")[0]  # "cuda:1" -> "cuda"
     return bool(amp) and (kind == "cuda" or (kind == "cpu" and cpu_computes_bf16()))

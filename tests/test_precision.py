@@ -42,9 +42,10 @@ def test_flags_come_from_flag_lines_only():
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_rule(monkeypatch, native):
     monkeypatch.delenv(precision.ENV, raising=False)
-    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_bf16_hardware", lambda: native)
     assert use_bf16_autocast(True, "cuda") is True
     assert use_bf16_autocast(True, torch.device("cuda", 0)) is True
+    assert use_bf16_autocast(True, "cuda:1") is True
     assert use_bf16_autocast(True, torch.device("cpu")) is native
     assert use_bf16_autocast(True, "cpu") is native
     for device in ("cuda", "cpu"):  # run.amp = false: float32 everywhere
@@ -54,7 +55,7 @@ def test_amp_rule(monkeypatch, native):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_environment_overrides_the_cpu(monkeypatch, native):
-    monkeypatch.setattr(precision, "_cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_bf16_hardware", lambda: native)
     for value, expect in (("0", False), ("1", True), ("", native), ("maybe", native)):
         monkeypatch.setenv(precision.ENV, value)
         assert use_bf16_autocast(True, "cpu") is expect

@@ -25,7 +25,7 @@ MODES = ("float32", "channels-last", "channels-last + bf16")
 
 def run(quick: bool = False) -> Report:
     from eval.demo import DEMO_TOWER, DEMO_TOWER_KWARGS
-    from store.precision import cpu_computes_bf16, use_bf16_autocast
+    from store.precision import ENV, cpu_has_bf16_hardware, use_bf16_autocast
     from train.losses import compute_loss, select_facets
     from train.model import ModelConfig, build_model
 
@@ -76,11 +76,12 @@ def run(quick: bool = False) -> Report:
         ["speed / float32", *(f"{ref / med[m]:.2f}" for m in MODES)],
         ["first loss", *(f"{first_loss[m]:.4f}" for m in MODES)],
     ]
-    native = cpu_computes_bf16()
+    native = cpu_has_bf16_hardware()
+    used = "channels-last + bf16" if use_bf16_autocast(True, "cpu") else "channels-last in float32"
     notes = [
         f"batch {b}, {DEMO_TOWER} at 64 px, {torch.get_num_threads()} torch threads; this CPU "
-        f"{'computes' if native else 'does not compute'} bf16 in hardware, so train runs "
-        f"{'channels-last + bf16' if use_bf16_autocast(True, 'cpu') else 'channels-last in float32'}",
+        f"{'computes' if native else 'does not compute'} bf16 in hardware; train runs {used} "
+        f"here (run.amp = true; {ENV} overrides)",
     ]
     targets = [Target("channels-last speed / float32", ref / med["channels-last"], 1.0)]
     if native:
