@@ -4,8 +4,8 @@ under bf16 autocast, alternated step by step in one process with identical weigh
 
 What ``run.amp`` does on this machine follows ``store.precision``: bf16 only where the CPU
 computes it in hardware. The benchmark measures all three either way, so a machine without
-bf16 arithmetic shows why it stays in float32; the bf16 target is checked only where train
-would use it.
+bf16 arithmetic shows why it stays in float32; the bf16 target is checked only where the CPU
+has bf16 arithmetic (whatever FACETCLIP_CPU_BF16 says).
 """
 
 from __future__ import annotations
