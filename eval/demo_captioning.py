@@ -57,7 +57,8 @@ class CaptionDemoConfig:
     mask_prob: float = 0.0
     pformer_batch: int = 32
     n_prompts: int = 8
-    width: int = 64
+    width: int = 128
+    heads: int = 4
     layers: int = 2
     max_caption_tokens: int = 32
     # stage two and captioning. frozen_tower: the prompt head trains on the FLAME run's tower,
@@ -101,7 +102,7 @@ def caption_block(
     pcfg = PFormerConfig(captions=str(data / "captions.parquet"), model=str(model),
                          out=str(pf_out), steps=cfg.pformer_steps, batch_size=cfg.pformer_batch,
                          seed=seed)  # fmt: skip
-    pcfg.predictor = PredictorConfig(width=cfg.width, layers=cfg.layers, heads=2,
+    pcfg.predictor = PredictorConfig(width=cfg.width, layers=cfg.layers, heads=cfg.heads,
                                      ffn=2 * cfg.width, n_prompts=cfg.n_prompts,
                                      proj_dim=64, max_caption_tokens=cfg.max_caption_tokens)  # fmt: skip
     pcfg.loss.views, pcfg.loss.pair_column = cfg.views, cfg.pair_column
