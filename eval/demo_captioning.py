@@ -57,6 +57,13 @@ class CaptionDemoConfig:
     mask_prob: float = 0.0
     pformer_batch: int = 32
     n_prompts: int = 8
+    # The encoder's width and heads (ffn 2x width). At width 64 with 2 heads the code carried
+    # one attribute of the scene, whichever the LM rewarded first: a ridge probe read the main
+    # shape 0.86 / colour 0.11 from it with the 1,200-step LM, which cannot be steered to the
+    # colour, and 0.26 / 0.85 with the LM that learns every facet, so that LM's predicted
+    # prompts named the colour and the shape at chance (text-only 0.085). Twice as wide with
+    # 4 heads the code holds both (0.87 / 0.63) and the text-only check gives 0.770 (predictor
+    # seed 1: 0.565); the 1,200-step LM 0.760 (0.810 at width 64). 2026-12-01.
     width: int = 128
     heads: int = 4
     layers: int = 2

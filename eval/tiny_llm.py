@@ -179,59 +179,39 @@ class TinyLLMConfig:
     is always another one than the main object's, so "not the one already named" is a good
     guess there). Answer weight 16 lets copying win; the rich sketches teach which colour
     belongs to the main object. Trained 2x longer, all four are learnt from step ~1900 on and
-    stay learnt; 1200 steps are what the demo can afford (about 4 minutes on 2 cores), and
-    within them the colour (often the minor object too) is not learnt reliably. lr 5e-3 learnt
-    it within 1200 steps in all three 1-thread runs (seed 1 too: the same probe), but in
-    neither 2-thread demo run (0.17; the minor object 0.87 and 0.70), and the demo's figures
-    moved both ways with it (README, "Each LM is its own draw"), so the default stays 3e-3.
+    stay learnt. With the 3000-token vocabulary 1200 steps were what the demo could afford
+    (about 4 minutes on 2 cores), and within them the colour (often the minor object too) was
+    not learnt reliably. lr 5e-3 learnt it within 1200 steps in all three 1-thread runs, but in
+    neither 2-thread demo run (0.17; the minor object 0.87 and 0.70), so the lr stays 3e-3.
 
     Probed every 200 steps (``probe_every``), the facets are learnt one after another, each
     within ~200 steps, about three of the four within 1200 steps, in an order that changes
-    with the draw. The default demo LM never learns the colour: asked the main object's
-    characteristic after a plain sketch (``a red star above a small blue heart``) it answers
-    " red" 95 times in 100 (it copies the main shape 97 times). Extra colour lessons (two
+    with the draw. The 1200-step demo LM never learnt the colour: asked the main object's
+    characteristic after a plain sketch (``a red star above a small blue heart``) it answered
+    " red" 95 times in 100 (it copied the main shape 97 times). Extra colour lessons (two
     more zero-shot prompts per sample that name the colour, each asked it) taught the colour
-    in 1 of 5 draws (0.95; 0.13-0.20 in the others), as many as without them (1 of 5: seed 2,
-    1.00), and cost the minor object in all five; weighting colour answers 3x slowed every
-    facet. None of these draws of the defaults learnt all four facets within 1200 steps; with
-    2400 (``facetclip tiny-llm --steps 2400``, 2 threads, ~8 minutes) both draws learnt the
-    colour (from step ~1600 and ~2000) and one all four (the other: minor object 0.74). None
-    of these changes is a default. A third layer (12 % more training time) did not learn the
-    colour sooner (seed 3: 0.11 at 1200 steps).
+    in 1 of 5 draws, as many as without them, and cost the minor object in all five;
+    weighting colour answers 3x slowed every facet, and so did (2026-12-01, seeds 0 / 1, at
+    step 800 of 1600) weighting every answer 48x instead of 16x (colour 0.10 / 0.15, minor
+    object 0.64 / 0.65). A third layer (12 % more training time) did not learn the colour
+    sooner (seed 3: 0.11 at 1200 steps).
 
-    A vocabulary of 1536 instead of 3000 holds the corpus's words as whole tokens as well
-    (2,636,754 tokens per epoch vs 2,634,641) and makes a step 1.47x faster on 2 threads (0.216
-    -> 0.147 s, median of 10; at 3000 entries the log-softmax alone took 15 % of a step, besides
-    the LM head itself), so 2000 steps cost what 1360 do. With them both draws run as the CLI
-    runs learnt the colour (from step ~1600 and ~1200) and the demo's (seed 0) all four facets:
-    1.00 / 1.00 / 0.97 / 1.00; seed 1 left the minor object at 0.80. In the demo (2026-12-01, LM
-    284 s) that LM doubled FLAME's retrieval (i2t / t2i R@1 0.580 / 0.625; the default LM's on
-    the same machine 0.275 / 0.345) and colour+shape zero-shot (0.288 vs 0.112), but P-Former's
-    predictor no longer steered it to the main object: the text-only check's main-object word
-    0.080 (another predictor seed 0.125; no prompt 0.140; chance 0.111; the default LM's 0.755),
-    and the captions named the true colour (prompt-align / caption-lm 0.495 / 0.695) but the
-    shape at chance (0.080 / 0.080; the default LM's 0.485 / 0.645), though the LM copies a
-    sketch's shape before BOS as often as the default does (0.525 vs 0.530, 200 held-out
-    captions, teacher-forced) and now its colour too (0.953 vs 0.078). llm2clip's zero-shot
-    shape fell to 0.133 (0.556) and its tuning's caption retrieval to 0.394 (0.670). The demo
-    must show every method, so it is not the default. Not for want of steerability: 8 free soft
-    prompts per caption, fitted to 128 held-out captions (reconstruction only, 200 Adam steps),
-    make it say the main object at its first mention as they make the default LM (teacher-forced
-    0.09 -> 1.00; the default 0.12 -> 1.00). The predictor does not learn to produce them for
-    it: main-object token 0.145 after 600 steps, 0.205 after 1,500, 0.108 with the demo's
-    predictor settings of 2026-12-01 (contrastive 10, no masking), where the default LM gets
-    0.669 and 0.958 from the same predictors; its greedy captions keep the reference's sentence
-    form and name another object. Its input embeddings are 2.3x larger (mean row norm 2.12 vs
-    0.93), but that is not the cause: the default LM trained 2400 steps (1.00 / 1.00 / 0.95 /
-    1.00 on the probe) has smaller ones (0.73) and fails the same way (main-object word 0.335,
-    teacher-forced 0.355), while the predicted prompts have the same scale and per-caption
-    spread for all three LMs. Weighting the predictor's nearest-token term 30 (prompts that
-    look like tokens) lifts the 2400-step LM to 0.655 / 0.140 / 0.440 over predictor seeds
-    0 / 1 / 2 (from 0.335 / 0.085 / 0.270; these predictors trained under bf16 autocast, the
-    default on a CPU with bf16 arithmetic since 2026-12-01; the 1536 figures before them in
-    float32), and not the 1536 one (0.130-0.155); why an LM that has learnt every facet is
-    harder for the predictor to reach is open. This LM's own training stays float32: bf16
-    autocast makes its step 1.54x faster, but at 2000 steps seed 0 had the colour at 0.27.
+    What the default is (2026-12-01): a vocabulary of 1536 instead of 3000 holds the corpus's
+    words as whole tokens as well (2,636,754 tokens per epoch vs 2,634,641) and makes a step
+    1.47x faster on 2 threads (0.216 -> 0.147 s, median of 10; at 3000 entries the log-softmax
+    alone took 15 % of a step, besides the LM head itself), so 2000 steps cost what 1360 did
+    (284 s vs 246 s in the demo on a CPU with AVX512-BF16). With them both draws run as the
+    CLI runs learnt the colour (from step ~1600 and ~1200); the demo's (seed 0) learnt all
+    four facets (1.00 / 1.00 / 1.00 / 1.00; on another machine 1.00 / 1.00 / 0.97 / 1.00),
+    seed 1 left the minor object at 0.80. Such an LM at first defeated P-Former's demo
+    predictor (text-only main-object word 0.080): not for want of steerability (8 free soft
+    prompts per caption, fitted by reconstruction, make it say the main object at its first
+    mention, teacher-forced 0.09 -> 1.00), nor its embeddings' scale, but because the
+    predictor's 64-wide code carried only one attribute of the scene, whichever the LM
+    rewarded first, here the colour (a ridge probe of the code: shape 0.26, colour 0.85);
+    twice as wide with 4 heads it carries both (``eval.demo_captioning``, text-only 0.770). The
+    LM's own training stays float32: bf16 autocast makes its step 1.54x faster (3000-token
+    vocabulary), but at 2000 steps seed 0 had the colour at 0.27.
 
     A run is reproducible bit for bit given its seed and thread setting (checked under load
     too), but ``torch.set_num_threads(2)`` and torch's default of 2 threads sum in other
