@@ -229,7 +229,7 @@ def fit_workers(
     if use_gpu:
         resources["GPU"] = options.gpus_per_worker
     trainer = TorchTrainer(
-        worker_loop,
+        _in_directory(worker_loop, os.getcwd()),
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -249,6 +249,21 @@ def fit_workers(
         bar.close()
     nan = run / NAN_FILE
     return json.loads(nan.read_text()) if nan.is_file() else None
+
+
+def _in_directory(worker_loop: Callable[[dict], None], cwd: str) -> Callable[[dict], None]:
+    """``worker_loop`` run from the driver's working directory where that exists (a local Ray,
+    or a node with the same folder). Ray Train starts each worker in its own artifacts folder
+    under /tmp/ray, so a relative path in a config (``--out demo-out`` gives the demo a model
+    ``demo-out/model``) would name nothing there, and an unfound model folder reads as a hub id:
+    ``tune`` and ``caption-lm`` then asked huggingface.co for ``demo-out/model``."""
+
+    def in_directory(config: dict) -> None:
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
+        worker_loop(config)
+
+    return in_directory
 
 
 # --- plots ---------------------------------------------------------------------------------------

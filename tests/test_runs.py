@@ -41,6 +41,10 @@ def _ok(config: dict) -> None:
     pass
 
 
+def _writes_a_relative_path(config: dict) -> None:
+    Path(config["file"]).write_text("written")
+
+
 def test_an_error_in_a_worker_becomes_one_line_of_the_callers_error(tmp_path, ray_session):
     with pytest.raises(Failed) as info:
         fit_workers(_raise_input_error, {"column": "long_caption"}, tmp_path, Options(), 3,
@@ -57,3 +61,14 @@ def test_a_workers_nan_record_is_returned_and_none_when_there_is_none(tmp_path, 
     assert (
         fit_workers(_ok, {}, tmp_path, Options(workers=1), 9, progress=False, failed=Failed) is None
     )
+
+
+def test_a_relative_path_in_a_worker_means_what_it_means_to_the_driver(
+    tmp_path, ray_session, monkeypatch
+):
+    # Ray Train starts workers in a folder of its own; `--out demo-out` must still name
+    # ./demo-out, or a relative model folder reads as a hub id (the demo's tune failed so).
+    monkeypatch.chdir(tmp_path)
+    fit_workers(_writes_a_relative_path, {"file": "out.txt"}, tmp_path / "run", Options(workers=1),
+                1, progress=False, failed=Failed)  # fmt: skip
+    assert (tmp_path / "out.txt").read_text() == "written"
