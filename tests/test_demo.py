@@ -29,8 +29,10 @@ def demo(tmp_path_factory):
                      tune_steps=4)  # fmt: skip
     cfg.caption = CaptionDemoConfig(pformer_steps=4, pformer_batch=8, steps=4, batch_size=16,
                                     max_new_tokens=6, limit=40, compare=True)  # fmt: skip
-    yield cfg, run_demo(cfg)
-    patch.undo()
+    try:
+        yield cfg, run_demo(cfg)
+    finally:  # a failed demo must not leave the rest of the session in its directory
+        patch.undo()
 
 
 @pytest.mark.slow
