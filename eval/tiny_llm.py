@@ -206,9 +206,10 @@ class TinyLLMConfig:
     alone took 15 % of a step, besides the LM head itself), so 2000 steps cost what 1360 did
     (284 s vs 246 s in the demo on a CPU with AVX512-BF16). With them both draws run as the
     CLI runs learnt the colour (from step ~1600 and ~1200); the demo's (seed 0) learnt all
-    four facets (1.00 / 1.00 / 1.00 / 1.00; on another machine 1.00 / 1.00 / 0.97 / 1.00),
-    seed 1 left the minor object at 0.80. Trained 2x longer (4000 steps, 1271 s on a slower
-    CPU), seed 0 had all four at 0.98 or more from step 2000 to the end. Such an LM at first defeated P-Former's demo
+    four facets (1.00 / 1.00 / 0.97 / 1.00 on two CPUs with AVX512-BF16, 1.00 / 1.00 / 1.00 /
+    1.00 on one without), seed 1 left the minor object at 0.80. Trained 2x longer (4000
+    steps, 1271 s on a slower CPU), seed 0 had all four at 0.98 or more from step 2000 to the
+    end. Such an LM at first defeated P-Former's demo
     predictor (text-only main-object word 0.080): not for want of steerability (8 free soft
     prompts per caption, fitted by reconstruction, make it say the main object at its first
     mention, teacher-forced 0.09 -> 1.00), nor its embeddings' scale, but because the
