@@ -21,18 +21,16 @@ def demo(tmp_path_factory):
     # A relative --out, as `make demo` passes it (`--out demo-out`): every path the demo hands
     # on (the LM folder to tune's and caption-lm's Ray workers) is relative then. The module's
     # tests run in that directory, where the report's relative paths hold.
-    patch = pytest.MonkeyPatch()
-    patch.chdir(tmp_path_factory.mktemp("demo"))
     # Untrained LM and a few steps: this checks the plumbing, not the figures (the README
     # and the closing notes hold those of a full-size run).
     cfg = DemoConfig(out=Path("out"), n=200, llm_steps=0, steps=10, batch_size=16, workers=1,
                      tune_steps=4)  # fmt: skip
     cfg.caption = CaptionDemoConfig(pformer_steps=4, pformer_batch=8, steps=4, batch_size=16,
                                     max_new_tokens=6, limit=40, compare=True)  # fmt: skip
-    try:
+    # The context undoes the chdir however the demo ends (a failed one included).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("demo"))
         yield cfg, run_demo(cfg)
-    finally:  # a failed demo must not leave the rest of the session in its directory
-        patch.undo()
 
 
 @pytest.mark.slow
