@@ -209,8 +209,8 @@ class TinyLLMConfig:
     four facets (1.00 / 1.00 / 0.97 / 1.00 on two CPUs with AVX512-BF16, 1.00 / 1.00 / 1.00 /
     1.00 on one without), seed 1 left the minor object at 0.80. Trained 2x longer (4000
     steps, 1271 s on a slower CPU), seed 0 had all four at 0.98 or more from step 2000 to the
-    end. Such an LM at first defeated P-Former's demo
-    predictor (text-only main-object word 0.080): not for want of steerability (8 free soft
+    end. Such an LM at first defeated P-Former's demo predictor (text-only main-object word
+    0.080): not for want of steerability (8 free soft
     prompts per caption, fitted by reconstruction, make it say the main object at its first
     mention, teacher-forced 0.09 -> 1.00), nor its embeddings' scale, but because the
     predictor's 64-wide code carried only one attribute of the scene, whichever the LM
