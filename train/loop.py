@@ -319,7 +319,7 @@ def worker_loop(loop_cfg: dict) -> None:
 
     from store.precision import use_bf16_autocast
     from train.losses import compute_loss, select_facets
-    from train.model import build_model, lr_at
+    from train.model import build_model, lr_at, make_optimizer
 
     cfg = TrainConfig.from_dict(loop_cfg["config"])
     run = Path(loop_cfg["run"])
@@ -348,9 +348,7 @@ def worker_loop(loop_cfg: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to the device; DDP when world > 1
     raw = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(
-        raw.param_groups(cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
-    )
+    optimizer = make_optimizer(raw, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay, device)
     if ckpt is not None:
         load_checkpoint(ckpt, raw, optimizer, device=device)
     amp = use_bf16_autocast(cfg.run.amp, device)  # GPU, or a CPU with bf16 arithmetic

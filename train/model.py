@@ -481,3 +481,31 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float, min_lr: float = 0.
         return min_lr
     progress = (step - warmup) / max(1, total - warmup)  # 0 → 1 over the decay
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
+
+
+# Devices with PyTorch's fused AdamW kernel (one pass over each parameter tensor instead of a
+# chain of elementwise ops per tensor).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def make_optimizer(
+    model: FacetCLIP,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    device: torch.device | str = "cpu",
+) -> torch.optim.AdamW:
+    """AdamW over ``model.param_groups(weight_decay)``, fused where the device has the kernel.
+
+    The fused kernel computes the same update as the per-tensor loop (to rounding; see
+    tests/test_optimizer.py) and keeps the same state, so a checkpoint of either resumes in the
+    other. Why fused: in the demo's CPU step (resnet10t at 64 px, batch 32 per worker) the
+    per-tensor loop took 13 % of a worker's time under py-spy; ``python -m tests.bench --only
+    precision`` measures the two side by side.
+
+    >>> opt = make_optimizer(model, 3e-3, (0.9, 0.95), 0.05, "cpu")  # doctest: +SKIP
+    """
+    fused = torch.device(device).type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(
+        model.param_groups(weight_decay), lr=lr, betas=tuple(betas), fused=fused
+    )

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "reader": "tests.bench.reader_bench",  # the cache read into float32 batches vs .npy files
     "train": "tests.bench.train_bench",  # a step with cached vectors vs the LM online; decode rate
     "precision": "tests.bench.precision_bench",  # the demo's step: float32 vs channels-last vs bf16
+    "optimizer": "tests.bench.optimizer_bench",  # the demo's step: per-tensor AdamW vs fused
     "heads": "tests.bench.heads_bench",  # heads only from two caches vs the demo's end-to-end step
     "tune": "tests.bench.tune_bench",  # CC tuning's caption-retrieval accuracy, base vs tuned
     "verify": "tests.bench.verify_bench",  # verify on a big cache vs sha256 + a plain read

@@ -23,18 +23,32 @@ QUICK = {"batch": 16, "steps": 3, "text_dim": 64}
 MODES = ("float32", "channels-last", "channels-last + bf16")
 
 
-def run(quick: bool = False) -> Report:
+def demo_step_inputs(batch: int, text_dim: int, facets: int = 11):
+    """The demo's model (its tower at 64 px, FLAME's token-mlp head; seeded) and one fixed
+    batch: images [batch, 3, 64, 64] and L2-normalised vectors [batch, facets, text_dim]."""
     from eval.demo import DEMO_TOWER, DEMO_TOWER_KWARGS
-    from store.precision import ENV, cpu_has_bf16_hardware, use_bf16_autocast
-    from train.losses import compute_loss, select_facets
     from train.model import ModelConfig, build_model
 
-    p = QUICK if quick else FULL
-    b, k = p["batch"], 11
     torch.manual_seed(0)
-    base = build_model(
-        ModelConfig(tower=DEMO_TOWER, tower_kwargs=dict(DEMO_TOWER_KWARGS)), p["text_dim"]
+    model = build_model(
+        ModelConfig(tower=DEMO_TOWER, tower_kwargs=dict(DEMO_TOWER_KWARGS)), text_dim
     )
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, 64, 64, generator=gen)
+    vectors = torch.nn.functional.normalize(
+        torch.randn(batch, facets, text_dim, generator=gen), dim=-1
+    )
+    return model, images, vectors
+
+
+def run(quick: bool = False) -> Report:
+    from eval.demo import DEMO_TOWER
+    from store.precision import ENV, cpu_has_bf16_hardware, use_bf16_autocast
+    from train.losses import compute_loss, select_facets
+
+    p = QUICK if quick else FULL
+    b = p["batch"]
+    base, images, vectors = demo_step_inputs(p["batch"], p["text_dim"])
     models, optimizers = {}, {}
     for mode in MODES:
         m = copy.deepcopy(base)
@@ -42,9 +56,6 @@ def run(quick: bool = False) -> Report:
             m = m.to(memory_format=torch.channels_last)
         models[mode] = m
         optimizers[mode] = torch.optim.AdamW(m.param_groups(0.05), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(b, 3, 64, 64, generator=gen)
-    vectors = torch.nn.functional.normalize(torch.randn(b, k, p["text_dim"], generator=gen), dim=-1)
 
     def step(mode: str) -> tuple[float, float]:
         m, opt = models[mode], optimizers[mode]
