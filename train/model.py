@@ -501,7 +501,7 @@ def make_optimizer(
     tests/test_optimizer.py) and keeps the same state, so a checkpoint of either resumes in the
     other. Why fused: in the demo's CPU step (resnet10t at 64 px, batch 32 per worker) the
     per-tensor loop took 13 % of a worker's time under py-spy; ``python -m tests.bench --only
-    precision`` measures the two side by side.
+    optimizer`` measures the two side by side.
 
     >>> opt = make_optimizer(model, 3e-3, (0.9, 0.95), 0.05, "cpu")  # doctest: +SKIP
     """
