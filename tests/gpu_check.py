@@ -410,13 +410,13 @@ def check_vit_training(args, device: str) -> None:
 
     from eval.synth import encode_jpeg, iter_samples
     from train.losses import compute_loss, select_facets
-    from train.model import ModelConfig, build_model
+    from train.model import ModelConfig, build_model, make_optimizer
 
     b, size, dim = args.vit_batch, args.vit_size, args.vit_text_dim
     kwargs = {"img_size": size} if args.vit_tower.startswith("vit") else {}
     torch.manual_seed(0)
     model = build_model(ModelConfig(tower=args.vit_tower, tower_kwargs=kwargs), dim).to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(0.5), lr=5e-4, betas=(0.9, 0.95))
+    optimizer = make_optimizer(model, 5e-4, (0.9, 0.95), 0.5, device)  # train's: fused
     images = torch.randn(b, 3, size, size, device=device)
     vectors = torch.nn.functional.normalize(torch.randn(b, 7, dim, device=device), dim=-1)
     gen = torch.Generator().manual_seed(0)
