@@ -26,10 +26,10 @@ def grads_for(model, step: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=gen) for p in model.parameters()]
 
 
-def hand_adamw(model, steps: range, state: dict | None = None) -> dict:
+def hand_adamw(model, steps: range) -> None:
     """AdamW as its paper writes it (decoupled decay, bias-corrected moments), parameter by
     parameter; decay only on tensors of 2 or more dimensions, as ``param_groups`` does."""
-    state = state if state is not None else {}
+    state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # moments (m, v) per parameter
     b1, b2 = BETAS
     with torch.no_grad():
         for step in steps:
@@ -45,7 +45,6 @@ def hand_adamw(model, steps: range, state: dict | None = None) -> dict:
                     p.mul_(1 - LR * WD)
                 m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
                 p.sub_(LR * m_hat / (v_hat.sqrt() + EPS))
-    return state
 
 
 def optimizer_steps(model, opt, steps: range) -> None:

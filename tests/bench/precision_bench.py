@@ -48,7 +48,7 @@ def run(quick: bool = False) -> Report:
 
     p = QUICK if quick else FULL
     b = p["batch"]
-    base, images, vectors = demo_step_inputs(p["batch"], p["text_dim"])
+    base, images, vectors = demo_step_inputs(b, p["text_dim"])
     models, optimizers = {}, {}
     for mode in MODES:
         m = copy.deepcopy(base)
