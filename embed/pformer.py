@@ -574,7 +574,6 @@ def worker_loop(loop_cfg: dict) -> None:
                 )
             t_last, captions_since = time.perf_counter(), 0
             log.write(metrics)
-            ray.train.report(metrics)
         if rank == 0 and (step % cfg.run.checkpoint_every == 0 or done):
             save_checkpoint(run, raw, optimizer, {"step": step, "config": cfg.to_dict(),
                                                   "predictor": asdict(pcfg)})  # fmt: skip

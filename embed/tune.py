@@ -818,7 +818,6 @@ def worker_loop(loop_cfg: dict) -> None:
             }  # fmt: skip
             t_last, pairs_since = now, 0
             log.write(metrics)
-            ray.train.report(metrics)
         if rank == 0 and (step % cfg.run.checkpoint_every == 0 or step == steps):
             save_checkpoint(
                 run, AdapterWeights(lm), optimizer, {"step": step, "config": cfg.to_dict()}

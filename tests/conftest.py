@@ -106,10 +106,13 @@ def _no_ray_across_modules():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray for one module, with more logical CPUs than this machine's 2 cores."""
+    """A local Ray for one module, with more logical CPUs than this machine's 2 cores, started
+    as the commands start theirs (store.cluster.init_ray)."""
     import ray
 
+    from store.cluster import init_ray
+
     ray.shutdown()  # a no-op unless something in this module started one
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    init_ray(None, 2, num_cpus=4)
     yield
     ray.shutdown()

@@ -31,3 +31,37 @@ def test_a_task_worker_outlives_an_idle_gap_between_epochs():
         os.kill(worker, 0)  # signal 0 checks only: ProcessLookupError if Ray let it go
     finally:
         ray.shutdown()
+
+
+def test_a_local_ray_has_ray_train_poll_its_workers_often(monkeypatch):
+    """Ray Train ends a fit (and took each ``ray.train.report``) only at its controller's next
+    poll of the workers, every 2 s by default; a local Ray polls every 0.2 s, and Ray Train
+    hands the driver's value to its controller (its own propagation list says so)."""
+    import ray
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from store.cluster import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+
+    monkeypatch.setenv(TRAIN_POLL_ENV, "unset below; restored after the test")
+    monkeypatch.delenv(TRAIN_POLL_ENV)
+    ray.shutdown()
+    assert init_ray(None, 2)
+    try:
+        assert os.environ[TRAIN_POLL_ENV] == LOCAL_TRAIN_POLL_S
+        assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == LOCAL_TRAIN_POLL_S
+    finally:
+        ray.shutdown()
+
+
+def test_a_poll_interval_the_user_set_is_kept(monkeypatch):
+    import ray
+
+    from store.cluster import TRAIN_POLL_ENV
+
+    monkeypatch.setenv(TRAIN_POLL_ENV, "5")
+    ray.shutdown()
+    assert init_ray(None, 2)
+    try:
+        assert os.environ[TRAIN_POLL_ENV] == "5"
+    finally:
+        ray.shutdown()

@@ -425,7 +425,6 @@ def worker_loop(loop_cfg: dict) -> None:
                 }  # fmt: skip
                 t_last, images_since = now, 0
                 log.write(metrics)
-                ray.train.report(metrics)
             if rank == 0 and (step % cfg.run.checkpoint_every == 0 or step == cfg.steps):
                 state = {"step": step, "epoch": epoch, "batch_in_epoch": consumed, "invalid_images": invalid_total,
                          "text_dim": loop_cfg["text_dim"], "config": cfg.to_dict()}  # fmt: skip
