@@ -29,11 +29,11 @@ OBJECT_STORE_MAX = 2 << 30
 MEMORY_THRESHOLD_ENV = "RAY_memory_usage_threshold"
 MEMORY_MONITOR_ENV = "RAY_memory_monitor_refresh_ms"
 
-# How often Ray Train's controller polls its workers (Ray's default: 2 s). A run ends only at
-# the poll after its workers return, twice over: on 2 cores every fit of a local Ray (the
-# demo's six, every test's) ended 4.8 s after its workers did, 0.3 s at 0.2 s. A local Ray has
-# a handful of workers, so polling them often costs nothing; a joined cluster keeps Ray's
-# default (a poll is one call per worker), and a value the user set is kept everywhere.
+# How often Ray Train's controller polls its workers (Ray's default: 2 s). A fit ends only at
+# polls after its workers return: on 2 cores every fit of a local Ray (the demo's six, every
+# test's) ended 4.8 s after its workers did, 0.3-0.6 s with 0.2 s. A local Ray has a handful
+# of workers, so polling them often costs nothing; a joined cluster keeps Ray's default (a
+# poll is one call per worker), and a value the user set is kept everywhere.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 LOCAL_TRAIN_POLL_S = "0.2"
 

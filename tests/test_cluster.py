@@ -34,9 +34,9 @@ def test_a_task_worker_outlives_an_idle_gap_between_epochs():
 
 
 def test_a_local_ray_has_ray_train_poll_its_workers_often(monkeypatch):
-    """Ray Train ends a fit (and took each ``ray.train.report``) only at its controller's next
-    poll of the workers, every 2 s by default; a local Ray polls every 0.2 s, and Ray Train
-    hands the driver's value to its controller (its own propagation list says so)."""
+    """Ray Train ends a fit only at its controller's polls of the workers, every 2 s by
+    default; a local Ray polls every 0.2 s, and Ray Train hands the driver's value to its
+    controller and workers (its own propagation list says so)."""
     import ray
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
