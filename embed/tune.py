@@ -321,11 +321,19 @@ def lora_config(cfg: LoraOptions):
 def add_lora(model, cfg: LoraOptions, seed: int):
     """``model`` (a transformers causal LM) with LoRA adapters, its base weights frozen; the
     adapters' initial weights are a function of ``seed`` (identical on every worker)."""
+    import warnings
+
     import torch
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(model, lora_config(cfg))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every
+        # model it wraps: a FutureWarning on every `tune` that no user can act on.
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        return get_peft_model(model, lora_config(cfg))
 
 
 class CaptionEncoder:

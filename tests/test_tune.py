@@ -184,6 +184,28 @@ def test_bidirectional_attention_sees_later_tokens_and_never_padding(tiny_model)
     assert (both - causal).abs().max() > 1e-3
 
 
+def test_adding_lora_says_nothing_a_user_cannot_act_on(tiny_model):
+    """peft wraps the model by reading transformers' deprecated `is_gradient_checkpointing`;
+    `tune` printed its FutureWarning every run. The adapters still land on every target."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from embed.tune import LoraOptions, add_lora
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_lm = add_lora(lm, LoraOptions(), seed=0)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    lora = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1]
+        for n, _ in peft_lm.named_parameters()
+        if ".lora_A" in n
+    }
+    assert lora == set(LoraOptions().target_modules)
+
+
 # --- what is tuned is what stage one embeds ------------------------------------------------------
 
 
