@@ -25,7 +25,7 @@ from eval.demo_captioning import CaptionDemoConfig
 from store.errors import InputError
 
 # A small ResNet (4.9M parameters) from scratch at 64 px: about 4 minutes on 2 CPU cores for
-# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23; 104 s on
+# 400 steps with 2 Ray workers (2026-11-30; 2.3 minutes for 500 steps on 2026-11-23; 104-106 s on
 # a 2-core Xeon with AMX, bf16, on 2026-12-07). A tiny
 # ViT (4 blocks, width 128) was tried first: at the same budget it learned almost nothing
 # (zero-shot shapes 0.19 vs chance 0.11; ResNet: 0.94), as ViTs from scratch need far more
