@@ -906,11 +906,12 @@ def eval_cmd(
         str | None, typer.Option(help="Report name (default: the data folder's name).")
     ] = None,
     query: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Retrieval text queries: facets (mean of facet vectors) | raw (one prompt)"
+            help="Text prompts: facets (mean of the trained facets' vectors) | raw (the one raw "
+            "prompt). Default: FLAME's, raw for zeroshot, facets for retrieval."
         ),
-    ] = "facets",
+    ] = None,
     caption_column: Annotated[
         str, typer.Option(help="table layout: caption column.")
     ] = "long_caption",

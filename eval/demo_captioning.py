@@ -96,7 +96,8 @@ def caption_block(
 ) -> tuple[list[dict], dict, dict[str, Path]]:
     """Run the block inside `run_demo` (``step(i, name, fn)`` times and announces each part;
     ``first`` is the first step number; ``tower_run``: the run whose tower is frozen under the
-    prompt head when ``cfg.frozen_tower``, the demo's FLAME run). Returns
+    prompt head when ``cfg.frozen_tower``, the demo's FLAME run; ``workers``: the prompt head's
+    Ray workers, and the predictor's threads on its one worker). Returns
     ``eval.captioning.demo_rows`` rows, the text-only check (``eval.prompt_reconstruction``, as
     a dict) and the paths to list in the report."""
     from embed.pformer import PFormerConfig, train_pformer
@@ -116,6 +117,10 @@ def caption_block(
     pcfg.loss.contrastive, pcfg.loss.mask_prob = cfg.contrastive, cfg.mask_prob
     pcfg.optim.lr, pcfg.optim.warmup_steps = 2e-3, 20
     pcfg.run.log_every, pcfg.run.checkpoint_every = 25, cfg.pformer_steps
+    # One worker on the demo's cores: on one core a third of the 2-core machine stood idle
+    # (2026-12-07, 600 steps: 1 worker x 1 thread 101 s, 1 x 2 threads 80 s, 2 workers x 1
+    # thread 84 s; the text-only check 0.455 / 0.495 / 0.380, draws of one predictor)
+    pcfg.run.cpus_per_worker = workers
     retrieval = data / "eval" / "retrieval"
 
     def pformer_and_check():

@@ -4,9 +4,11 @@ captioning through the frozen LLM for a prompt run (``eval.captioning``).
 Text goes through the run's own recipe and LLM (the cache's ``recipe.toml`` names the model),
 exactly as the training vectors did, then through the trained text head:
 
-- zero-shot: class names x templates in the single raw prompt (FLAME), averaged over templates;
+- zero-shot: class names x templates in the single raw prompt (FLAME's protocol, ``query =
+  "raw"``, the default) or through every trained facet, averaged (``query = "facets"``), then
+  averaged over templates;
 - retrieval: each caption's facet vectors averaged (FLAME's multi-facet query, ``query =
-  "facets"``), or the raw prompt (``query = "raw"``).
+  "facets"``, the default), or the raw prompt (``query = "raw"``).
 
 Text embeddings are cached under RUN/eval/text/ keyed by recipe and texts, so a second eval
 of the same data is instant (``facetclip embed`` resumes a finished cache without loading the
@@ -50,7 +52,9 @@ class EvalConfig:
     data: Path
     layout: str | None = None  # default: imagefolder (zeroshot) / table (retrieval)
     name: str | None = None  # report name (default: the data folder's name)
-    query: str = "facets"
+    # Text prompts: "facets" (the mean of the trained facets' vectors) or "raw" (the single raw
+    # prompt). None: the task's default, FLAME's protocol: raw for zero-shot, facets for retrieval.
+    query: str | None = None
     templates: tuple[str, ...] = TEMPLATES
     caption_column: str = "long_caption"
     image_column: str = "image"
@@ -78,7 +82,8 @@ class EvalReport:
     chance: dict
     counts: dict
     files: list[Path] = field(default_factory=list)
-    # (image features, text features) of a retrieval eval, for the retrieved-images grid
+    # (image features, text features): a retrieval eval's images and captions (for the
+    # retrieved-images grid), a zero-shot eval's images and class vectors
     features: tuple | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -215,7 +220,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
 
     if cfg.task not in TASKS:
         raise InputError(f"--task must be one of {', '.join(TASKS)}")
-    if cfg.query not in QUERIES:
+    if cfg.query is not None and cfg.query not in QUERIES:
         raise InputError(f"--query must be one of {', '.join(QUERIES)}")
     run = Path(cfg.run)
     if cfg.task == "captioning" and cfg.image_cache:
@@ -251,8 +256,10 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
 def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalReport:
     from eval.metrics import zero_shot_accuracy
 
-    # FLAME classifies with the single raw prompt; a mean-pooled recipe embeds the text itself.
-    r, names = text_recipe(recipe, model.facets, "raw")
+    # FLAME classifies with the single raw prompt (the default); a mean-pooled recipe embeds the
+    # text itself. "facets" puts each class prompt through the facets, as retrieval does.
+    query = cfg.query or "raw"
+    r, names = text_recipe(recipe, model.facets, query)
     texts = [t.format(c) for c in data.classes for t in cfg.templates]
     vectors = embed_texts(cfg.run, texts, r, names, cfg.engine)
     per_template = model.encode_text(vectors).reshape(len(data.classes), len(cfg.templates), -1)
@@ -263,13 +270,15 @@ def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalRe
     c = len(data.classes)
     chance = {k: min(1.0, int(k[3:]) / c) for k in m if k.startswith("top")}
     m["per_class_top1"] = {data.classes[i]: v for i, v in m["per_class_top1"].items()}
-    return EvalReport(name, "zeroshot", m, chance, {"images": len(data.images), "classes": c})
+    counts = {"images": len(data.images), "classes": c, "query": query}
+    return EvalReport(name, "zeroshot", m, chance, counts, features=(images, classes))
 
 
 def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalReport:
     from eval.metrics import retrieval_recall
 
-    r, names = text_recipe(recipe, model.facets, cfg.query)
+    query = cfg.query or "facets"
+    r, names = text_recipe(recipe, model.facets, query)
     texts = model.encode_text(embed_texts(cfg.run, list(data.captions), r, names, cfg.engine))
     images = encode_images(model, data.images, cfg.batch_size, cfg.image_cache)
     caption_image = np.asarray(data.caption_image)
@@ -303,7 +312,7 @@ def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalR
     metrics["t2i_curve"] = [
         retrieval_recall(images, texts, caption_image, (k,))[f"t2i_R@{k}"] for k in range(1, 11)
     ]
-    counts = {"images": n_img, "captions": len(caption_image), "query": cfg.query}
+    counts = {"images": n_img, "captions": len(caption_image), "query": query}
     report = EvalReport(name, "retrieval", metrics, chance, counts, features=(images, texts))
     return report
 

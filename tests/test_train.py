@@ -309,3 +309,63 @@ def test_eval_writes_reports_and_reuses_its_text_cache(data, tmp_path, ray_sessi
     assert (
         json.loads((run / "eval" / "zs.json").read_text())["metrics"]["top1"] == zs.metrics["top1"]
     )
+
+
+def test_zeroshot_query_facets_averages_every_trained_facet_of_each_class_prompt(
+    data, tmp_path, ray_session
+):
+    """``--query facets`` for zero-shot: each class prompt (class x template) goes through every
+    facet the run trained, as retrieval's captions do; the class vector is the exported text
+    side of the facets' mean, averaged over templates. Reference: one plain transformers
+    forward pass per standalone sequence ``BOS + prefix + prompt + suffix + facet``. The
+    default stays FLAME's raw prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from embed.prompts import clean_caption
+    from eval.evaluation import TEMPLATES, EvalConfig, evaluate, run_recipe
+    from train.export import load
+
+    synth, _ = data
+    run = tmp_path / "zsrun"
+    cfg = config(data, run, steps=2)
+    cfg.model.center_text = True  # the exported text side holds an offset: it must be applied
+    train(cfg, progress=False)
+    folder = synth / "eval" / "zeroshot_shape"
+    facets = evaluate(EvalConfig(run=run, task="zeroshot", data=folder, name="zsf", query="facets"))
+    raw = evaluate(EvalConfig(run=run, task="zeroshot", data=folder, name="zsr"))
+    assert facets.counts["query"] == "facets" and raw.counts["query"] == "raw"
+    assert json.loads((run / "eval" / "zsf.json").read_text())["counts"]["query"] == "facets"
+
+    recipe = run_recipe(run)
+    (group,) = recipe.groups  # flame-long: the 7 long facets, every one trained here
+    assert recipe.layer == -1 and recipe.pooling == "last"
+    exported = load(run)
+    assert set(exported.facets) == set(group.facets)
+    llm = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(recipe.model)
+    classes = (folder / "classes.txt").read_text().split()
+    want = []
+    for c in classes:
+        per_template = []
+        for t in TEMPLATES:
+            prompt = clean_caption(t.format(c), recipe.cleanup)
+            states = []
+            for facet in group.facets.values():
+                ids = tok(group.prefix + prompt + group.suffix + facet, add_special_tokens=False)
+                with torch.no_grad():
+                    out = llm(torch.tensor([[tok.bos_token_id, *ids["input_ids"]]]),
+                              output_hidden_states=True)  # fmt: skip
+                h = out.hidden_states[-1][0, -1].numpy()  # after the final norm
+                states.append(h / np.linalg.norm(h) if recipe.normalize else h)
+            per_template.append(exported.encode_text(np.mean(states, axis=0)[None])[0])
+        v = np.mean(per_template, axis=0)
+        want.append(v / np.linalg.norm(v))
+    images, got = facets.features
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+    # the raw prompt gives other class vectors, and top-1 follows each set of vectors
+    assert np.abs(raw.features[1] - got).max() > 1e-2
+    labels = np.array([classes.index(p.parent.name) for p in sorted(folder.glob("*/*.jpg"))])
+    assert len(labels) == len(images)
+    assert facets.metrics["top1"] == pytest.approx(
+        float(((images @ got.T).argmax(1) == labels).mean())
+    )
