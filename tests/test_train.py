@@ -321,8 +321,8 @@ def test_zeroshot_query_facets_averages_every_trained_facet_of_each_class_prompt
     default stays FLAME's raw prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from embed.prompts import clean_caption
     from eval.evaluation import TEMPLATES, EvalConfig, evaluate, run_recipe
+    from tests.test_hf_engine import reference_vectors
     from train.export import load
 
     synth, _ = data
@@ -344,24 +344,17 @@ def test_zeroshot_query_facets_averages_every_trained_facet_of_each_class_prompt
     llm = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(recipe.model)
     classes = (folder / "classes.txt").read_text().split()
-    want = []
-    for c in classes:
-        per_template = []
-        for t in TEMPLATES:
-            prompt = clean_caption(t.format(c), recipe.cleanup)
-            states = []
-            for facet in group.facets.values():
-                ids = tok(group.prefix + prompt + group.suffix + facet, add_special_tokens=False)
-                with torch.no_grad():
-                    out = llm(torch.tensor([[tok.bos_token_id, *ids["input_ids"]]]),
-                              output_hidden_states=True)  # fmt: skip
-                h = out.hidden_states[-1][0, -1].numpy()  # after the final norm
-                states.append(h / np.linalg.norm(h) if recipe.normalize else h)
-            per_template.append(exported.encode_text(np.mean(states, axis=0)[None])[0])
-        v = np.mean(per_template, axis=0)
-        want.append(v / np.linalg.norm(v))
+    rows = [{group.column: t.format(c)} for c in classes for t in TEMPLATES]
+    # one row per (class, template), one vector per facet in the group's order
+    states = reference_vectors((llm, tok), recipe, rows, recipe.layer)
+    states = states.reshape(len(classes), len(TEMPLATES), len(group.facets), -1)
+    if recipe.normalize:
+        states = states / np.linalg.norm(states, axis=-1, keepdims=True)
+    per_template = exported.encode_text(states.mean(axis=2).reshape(len(rows), -1))
+    want = per_template.reshape(len(classes), len(TEMPLATES), -1).mean(axis=1)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
     images, got = facets.features
-    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+    np.testing.assert_allclose(got, want, atol=1e-4)
     # the raw prompt gives other class vectors, and top-1 follows each set of vectors
     assert np.abs(raw.features[1] - got).max() > 1e-2
     labels = np.array([classes.index(p.parent.name) for p in sorted(folder.glob("*/*.jpg"))])
