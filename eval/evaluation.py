@@ -36,6 +36,9 @@ from store.errors import InputError
 
 TASKS = ("zeroshot", "retrieval", "captioning")
 QUERIES = ("facets", "raw")
+# FLAME's protocol: zero-shot classes through the single raw prompt, retrieval captions through
+# every facet (their vectors averaged); EvalConfig.query = None takes these.
+DEFAULT_QUERY = {"zeroshot": "raw", "retrieval": "facets"}
 # Class-name templates, kept few: each is one more prompt through the LLM per class.
 TEMPLATES = (
     "a photo of a {}.",
@@ -53,7 +56,8 @@ class EvalConfig:
     layout: str | None = None  # default: imagefolder (zeroshot) / table (retrieval)
     name: str | None = None  # report name (default: the data folder's name)
     # Text prompts: "facets" (the mean of the trained facets' vectors) or "raw" (the single raw
-    # prompt). None: the task's default, FLAME's protocol: raw for zero-shot, facets for retrieval.
+    # prompt). None: the task's default (DEFAULT_QUERY, FLAME's: raw for zero-shot, facets for
+    # retrieval).
     query: str | None = None
     templates: tuple[str, ...] = TEMPLATES
     caption_column: str = "long_caption"
@@ -222,6 +226,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
         raise InputError(f"--task must be one of {', '.join(TASKS)}")
     if cfg.query is not None and cfg.query not in QUERIES:
         raise InputError(f"--query must be one of {', '.join(QUERIES)}")
+    cfg = replace(cfg, query=cfg.query or DEFAULT_QUERY.get(cfg.task))
     run = Path(cfg.run)
     if cfg.task == "captioning" and cfg.image_cache:
         raise InputError(
@@ -258,8 +263,7 @@ def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalRe
 
     # FLAME classifies with the single raw prompt (the default); a mean-pooled recipe embeds the
     # text itself. "facets" puts each class prompt through the facets, as retrieval does.
-    query = cfg.query or "raw"
-    r, names = text_recipe(recipe, model.facets, query)
+    r, names = text_recipe(recipe, model.facets, cfg.query)
     texts = [t.format(c) for c in data.classes for t in cfg.templates]
     vectors = embed_texts(cfg.run, texts, r, names, cfg.engine)
     per_template = model.encode_text(vectors).reshape(len(data.classes), len(cfg.templates), -1)
@@ -270,15 +274,14 @@ def _zeroshot(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalRe
     c = len(data.classes)
     chance = {k: min(1.0, int(k[3:]) / c) for k in m if k.startswith("top")}
     m["per_class_top1"] = {data.classes[i]: v for i, v in m["per_class_top1"].items()}
-    counts = {"images": len(data.images), "classes": c, "query": query}
+    counts = {"images": len(data.images), "classes": c, "query": cfg.query}
     return EvalReport(name, "zeroshot", m, chance, counts, features=(images, classes))
 
 
 def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalReport:
     from eval.metrics import retrieval_recall
 
-    query = cfg.query or "facets"
-    r, names = text_recipe(recipe, model.facets, query)
+    r, names = text_recipe(recipe, model.facets, cfg.query)
     texts = model.encode_text(embed_texts(cfg.run, list(data.captions), r, names, cfg.engine))
     images = encode_images(model, data.images, cfg.batch_size, cfg.image_cache)
     caption_image = np.asarray(data.caption_image)
@@ -312,7 +315,7 @@ def _retrieval(cfg: EvalConfig, model, recipe: Recipe, data, name: str) -> EvalR
     metrics["t2i_curve"] = [
         retrieval_recall(images, texts, caption_image, (k,))[f"t2i_R@{k}"] for k in range(1, 11)
     ]
-    counts = {"images": n_img, "captions": len(caption_image), "query": query}
+    counts = {"images": n_img, "captions": len(caption_image), "query": cfg.query}
     report = EvalReport(name, "retrieval", metrics, chance, counts, features=(images, texts))
     return report
 
