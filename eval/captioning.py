@@ -515,6 +515,7 @@ class CompareConfig:
     steps: int = 500
     batch_size: int = 64
     workers: int = 1
+    cpus_per_worker: int = 1  # each worker's threads
     seed: int = 0
     tower: str = "resnet10t"  # the demo's tower (eval.demo)
     image_size: int = 64
@@ -546,6 +547,7 @@ def compare_train_config(cfg: CompareConfig, loss: str):
     t.data.image_size = cfg.image_size
     t.optim.lr, t.optim.warmup_steps, t.optim.weight_decay = cfg.lr, 30, 0.05
     t.run.workers, t.run.log_every, t.run.checkpoint_every = cfg.workers, 25, cfg.steps
+    t.run.cpus_per_worker = cfg.cpus_per_worker
     if loss == "caption-lm":
         t.prompt.llm, t.prompt.captions = str(cfg.llm), str(cfg.captions)
         t.prompt.caption_column = cfg.caption_column

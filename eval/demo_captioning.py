@@ -96,8 +96,9 @@ def caption_block(
 ) -> tuple[list[dict], dict, dict[str, Path]]:
     """Run the block inside `run_demo` (``step(i, name, fn)`` times and announces each part;
     ``first`` is the first step number; ``tower_run``: the run whose tower is frozen under the
-    prompt head when ``cfg.frozen_tower``, the demo's FLAME run; ``workers``: the prompt head's
-    Ray workers, and the predictor's threads on its one worker). Returns
+    prompt head when ``cfg.frozen_tower``, the demo's FLAME run; ``workers``: the demo's cores,
+    the threads of the one Ray worker that trains the predictor, and of the one that trains
+    the prompt head). Returns
     ``eval.captioning.demo_rows`` rows, the text-only check (``eval.prompt_reconstruction``, as
     a dict) and the paths to list in the report."""
     from embed.pformer import PFormerConfig, train_pformer
@@ -121,6 +122,11 @@ def caption_block(
     # (2026-12-07, 600 steps: 1 worker x 1 thread 101 s, 1 x 2 threads 80 s, 2 workers x 1
     # thread 84 s; the text-only check 0.455 / 0.495 / 0.380, draws of one predictor)
     pcfg.run.cpus_per_worker = workers
+    # float32: bf16 autocast (on by default where the CPU computes bf16) slowed this step, a
+    # small predictor and the tiny LM, whose matrices are too small to gain from it
+    # (2026-12-07, the demo's data, 600 steps, side by side: 261 -> 290 captions/s, 94.7 ->
+    # 86.6 s with Ray's start; held-out main-object word 0.495 -> 0.565, one draw each)
+    pcfg.run.amp = False
     retrieval = data / "eval" / "retrieval"
 
     def pformer_and_check():
@@ -137,10 +143,16 @@ def caption_block(
         EmbedConfig(captions=data / "captions.parquet", model=str(pf.predictor), out=cache,
                     recipe="pformer"), progress=True))  # fmt: skip
     losses = ("prompt-align", "caption-lm") if cfg.compare else ("prompt-align",)
+    # The prompt head trains on one worker with the demo's cores too: on cached tower tokens a
+    # step is small, and two workers' steps went much into keeping in step (2026-12-07, the
+    # demo's data, 300 steps each, Ray starting first: 2 workers x 1 thread 116 s for both
+    # runs and their captioning, prompt-align 14.3 steps/s, caption-lm 5.6; 1 x 2 threads 96 s,
+    # 22.4 and 6.4 steps/s; captions naming the true shape / colour 0.330 / 0.610 and 0.175 /
+    # 0.520 -> 0.340 / 0.630 and 0.175 / 0.520)
     ccfg = CompareConfig(out=out / "runs", images=data / "images", prompt_cache=cache,
                          captions=data / "captions.parquet", llm=str(model),
                          eval_data=retrieval, steps=cfg.steps,
-                         batch_size=cfg.batch_size, workers=workers, seed=seed,
+                         batch_size=cfg.batch_size, workers=1, cpus_per_worker=workers, seed=seed,
                          max_new_tokens=cfg.max_new_tokens, limit=cfg.limit, losses=losses,
                          tower_run=tower_run if cfg.frozen_tower else None)  # fmt: skip
     where = f" on the frozen {tower_run.name} tower" if ccfg.tower_run is not None else ""

@@ -388,6 +388,24 @@ def test_comparison_table_shows_every_rate_beside_its_chance_and_image_blind_sco
     assert "200 held-out images" in md and "first in 100% of cases" in md
 
 
+def test_both_sides_of_the_comparison_share_everything_but_the_loss(tmp_path):
+    from eval.captioning import CompareConfig, compare_train_config
+
+    cfg = CompareConfig(out=tmp_path / "runs", images=tmp_path / "images",
+                        prompt_cache=tmp_path / "cache", captions=tmp_path / "captions.parquet",
+                        llm="llm", eval_data=tmp_path / "eval", steps=7, workers=1,
+                        cpus_per_worker=2, tower_run=tmp_path / "flame")  # fmt: skip
+    align, lm = (compare_train_config(cfg, loss) for loss in ("prompt-align", "caption-lm"))
+    assert (align.loss, lm.loss) == ("prompt-align", "caption-lm")
+    for t in (align, lm):
+        # one worker with the demo's cores (eval.demo_captioning), on the frozen tower's tokens
+        assert (t.run.workers, t.run.cpus_per_worker, t.steps) == (1, 2, 7)
+        assert t.image_cache == str(cfg.image_cache) and t.images == ""
+    assert lm.prompt.llm == "llm" and align.prompt.llm != "llm"
+    assert compare_train_config(CompareConfig(**{**vars(cfg), "cpus_per_worker": 1}),
+                                "prompt-align").run.cpus_per_worker == 1  # fmt: skip
+
+
 def test_main_mention_takes_the_first_shape_and_its_nearest_colour_in_the_sentence():
     def mm(text):
         return main_mention(text, SHAPES, COLOURS)

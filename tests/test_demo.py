@@ -129,6 +129,9 @@ def test_demo_captions_held_out_images_with_both_prompt_losses(demo):
     assert (loss.views, loss.pair_column) == (cfg.caption.views, cfg.caption.pair_column)
     assert loss.contrastive == cfg.caption.contrastive != published.contrastive
     assert loss.mask_prob == cfg.caption.mask_prob != published.mask_prob
+    # in float32 (bf16 autocast slowed the tiny LM in the loop), on one worker
+    run = PFormerConfig.from_toml(cfg.out / "pformer" / "config.toml").run
+    assert run.amp is False and run.workers == 1 and run.cpus_per_worker == cfg.workers
 
 
 def test_demo_refuses_a_non_empty_out_without_overwrite(tmp_path):
