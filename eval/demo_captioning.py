@@ -144,7 +144,8 @@ def caption_block(
                     recipe="pformer"), progress=True))  # fmt: skip
     losses = ("prompt-align", "caption-lm") if cfg.compare else ("prompt-align",)
     # The prompt head trains on one worker with the demo's cores too: on cached tower tokens a
-    # step's compute is small beside two workers' gradient exchange (2026-12-07, the
+    # step's compute is small, and with two 1-thread workers the machine was 13 % in the
+    # kernel and 12 % idle through it (vmstat), with one 2-thread worker faster (2026-12-07, the
     # demo's data, 300 steps each, Ray starting first: 2 workers x 1 thread 116 s for both
     # runs and their captioning, prompt-align 14.3 steps/s, caption-lm 5.6; 1 x 2 threads 96 s,
     # 22.4 and 6.4 steps/s; captions naming the true shape / colour 0.330 / 0.610 and 0.175 /
